@@ -1,0 +1,2 @@
+"""advpurify: adversarial purification."""
+__version__ = "0.1.0"

@@ -1,0 +1,45 @@
+"""Shared fixtures: the read-only real data beside the project (``$ADVPURIFY_DATA``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from advpurify.paths import shared_data_dir
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.fail(f"test data not found at {path}: set ADVPURIFY_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_dir(data_dir: Path) -> Path:
+    """100 real ImageNet images, WordNet id at the start of each file name."""
+    return data_dir / "imagenet-sample"
+
+
+@pytest.fixture(scope="session")
+def sample_paths(sample_dir: Path) -> list[Path]:
+    return sorted(p for p in sample_dir.iterdir() if p.is_file())
+
+
+@pytest.fixture(scope="session")
+def small_real_images(sample_paths: list[Path]) -> torch.Tensor:
+    """Four real photographs, resized to 64x64: a 4 x 3 x 64 x 64 float32 batch in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    arrays = []
+    for path in sample_paths[:4]:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((64, 64), Image.BILINEAR)
+            arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
