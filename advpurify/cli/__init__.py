@@ -7,6 +7,7 @@ import sys
 import typer
 
 from advpurify.cli import batch, evaluate, export, train, weights
+from advpurify.cli.errors import wrap_commands
 from advpurify.errors import AdvpurifyError
 
 app = typer.Typer(
@@ -18,21 +19,21 @@ app = typer.Typer(
 )
 for module in (batch, evaluate, export, weights, train):
     module.register(app)
+wrap_commands(app)
 
 
-def _run(command) -> None:
+def _run(make_app) -> None:
     try:
-        command()
-    except AdvpurifyError as error:
-        # One line, no traceback: the message names the file or value and the reason.
+        make_app()()
+    except AdvpurifyError as error:  # a backstop: commands already report their own
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 
 
 def main() -> None:
-    _run(lambda: app())
+    _run(lambda: app)
 
 
 def purify_batch_main() -> None:
     """``purify-batch``: the same as ``advpurify batch``."""
-    _run(lambda: batch.standalone_app()())
+    _run(batch.standalone_app)

@@ -80,8 +80,6 @@ class Purifier:
     params: ClassVar[tuple[Param, ...]] = ()
     stochastic: ClassVar[bool] = False
     differentiable: ClassVar[bool] = False
-    # Whether images of different sizes may share a batch (all built-in purifiers keep sizes).
-    needs_equal_sizes: ClassVar[bool] = True
 
     def __init__(self, device: str | torch.device = "cpu", **values: Any) -> None:
         self.device = torch.device(device)

@@ -1,0 +1,161 @@
+"""``advpurify batch`` / ``purify-batch`` and ``advpurify methods``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from advpurify.devices import resolve_device
+from advpurify.engine.pipeline import (
+    PipelineOptions,
+    Record,
+    RunPlan,
+    RunSummary,
+    Shard,
+    check_folders,
+    default_output_dir,
+    execute,
+    plan_run,
+)
+from advpurify.purifiers import create, method_class, method_names, parse_assignments
+
+err_console = Console(stderr=True)
+
+
+def batch(
+    input_dir: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    method: str = typer.Option(..., "--method", "-m", help="Purification method (see `methods`)."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Output folder [default: sibling INPUT-purified-METHOD]."
+    ),
+    param: list[str] = typer.Option(
+        [], "--param", "-p", help="Method parameter name=value (repeatable)."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(16, help="Images per purifier call (equal sizes batch)."),
+    workers: int = typer.Option(
+        min(4, os.cpu_count() or 2), help="Reader threads and writer threads, each."
+    ),
+    fmt: str = typer.Option("png", "--format", help="png (lossless), jpg or webp."),
+    quality: int = typer.Option(95, help="Quality for jpg and webp."),
+    seed: int = typer.Option(0, help="Seed of stochastic methods (per image, stable)."),
+    overwrite: bool = typer.Option(False, help="Redo outputs that exist, even with new settings."),
+    shard: str = typer.Option("0/1", help="Process shard i of n (i/n): for many machines."),
+    background: str = typer.Option("white", help="Colour transparent pixels become: white|black."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Purify every image in a folder into a mirrored output folder (resumable)."""
+    output = output or default_output_dir(input_dir, method)
+    # Everything is checked before any work: a bad argument never leaves half a run.
+    check_folders(input_dir, output)
+    options = PipelineOptions(
+        batch_size=batch_size,
+        workers=workers,
+        fmt=fmt,
+        quality=quality,
+        seed=seed,
+        overwrite=overwrite,
+        shard=Shard.parse(shard),
+        background=background,
+    )
+    options.check()
+    purifier = create(method, device=resolve_device(device), **parse_assignments(param))
+    plan = plan_run(input_dir, output, purifier, options)
+    summary = _run_with_progress(plan, quiet)
+    _print_summary(summary)
+    raise typer.Exit(summary.exit_code)
+
+
+def _run_with_progress(plan: RunPlan, quiet: bool) -> RunSummary:
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]:.1f} img/s"),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=quiet,
+    )
+    with progress:
+        task = progress.add_task(plan.purifier.name, total=len(plan.pairs), rate=0.0)
+
+        def on_progress(record: Record) -> None:
+            if record.status == "failed":
+                progress.console.print(f"[red]failed[/red] {record.input}: {record.reason}")
+            progress.advance(task)
+            elapsed = progress.tasks[0].elapsed or 0.0
+            done = progress.tasks[0].completed
+            progress.update(task, rate=done / elapsed if elapsed else 0.0)
+
+        return execute(plan, on_progress)
+
+
+def _print_summary(summary: RunSummary) -> None:
+    table = Table(title=f"purified into {summary.output_dir}")
+    for column in ("done", "skipped", "failed", "seconds", "images/s"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(summary.done),
+        str(summary.skipped),
+        str(summary.failed),
+        f"{summary.seconds:.1f}",
+        f"{summary.images_per_second:.1f}",
+    )
+    err_console.print(table)
+    if summary.failures:
+        # Each failure was printed as it happened; the manifest keeps them all.
+        err_console.print(f"{summary.failed} failed: see {summary.output_dir / 'manifest.jsonl'}")
+
+
+def methods() -> None:
+    """List every purification method with its parameters and defaults."""
+    console = Console()
+    table = Table(show_lines=True)
+    for column in ("method", "parameters (default, range)", "notes"):
+        table.add_column(column)
+    for name in method_names():
+        cls = method_class(name)
+        params = "\n".join(
+            f"{p.name}={_show(p.default)} {p.type.__name__} {p.describe_range()}  {p.help}".rstrip()
+            for p in cls.params
+        )
+        flags = [
+            f
+            for f, on in (("stochastic", cls.stochastic), ("differentiable", cls.differentiable))
+            if on
+        ]
+        notes = cls.description + (f"\n[{', '.join(flags)}]" if flags else "")
+        table.add_row(name, params or "-", notes)
+    console.print(table)
+
+
+def _show(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else repr(value)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("batch")(batch)
+    app.command("methods")(methods)
+
+
+def standalone_app() -> typer.Typer:
+    """``purify-batch``: the batch command as a program of its own."""
+    from advpurify.cli.errors import wrap_commands
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(batch)
+    wrap_commands(app)
+    return app

@@ -1,0 +1,187 @@
+"""Input-transformation purifiers, batched in torch so they run on the GPU as well as the CPU.
+
+rescale (the seed experiment's baseline), jpeg, bitdepth, median (Guo et al. 2018 and feature
+squeezing), tvm (total-variation minimisation) and randpad (Xie et al. 2018).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision.io
+
+from advpurify.purifiers.base import Param, ParamError, Purifier, generators, register
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
+
+
+def resize(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize with antialiasing when shrinking (where torch supports it), clipped to [0, 1]."""
+    if mode in ("bilinear", "bicubic"):
+        out = F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=True)
+    else:
+        out = F.interpolate(images, size=size, mode=mode)
+    return out.clamp(0.0, 1.0)
+
+
+@register
+class Rescale(Purifier):
+    name = "rescale"
+    description = "Shrink by a factor and enlarge back (224 -> 112 -> 224 by default)."
+    params = (
+        Param("factor", float, 0.5, "scale of the intermediate image", min=0.05, max=1.0),
+        Param("mode", str, "bilinear", "interpolation", choices=INTERPOLATIONS),
+    )
+    differentiable = True
+
+    def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        small = (max(1, round(height * self.factor)), max(1, round(width * self.factor)))
+        return resize(resize(images, small, self.mode), (height, width), self.mode)
+
+
+@register
+class Jpeg(Purifier):
+    name = "jpeg"
+    description = "JPEG compression round trip (Guo et al. 2018); nvJPEG on CUDA."
+    params = (Param("quality", int, 75, "JPEG quality", min=1, max=100),)
+
+    def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        as_bytes = images.clamp(0, 1).mul(255).round().to(torch.uint8)
+        encoded = torchvision.io.encode_jpeg(list(as_bytes), quality=self.quality)
+        decoded = torchvision.io.decode_jpeg(
+            [e.cpu() for e in encoded], mode=torchvision.io.ImageReadMode.RGB, device=images.device
+        )
+        return torch.stack(decoded).to(images.dtype).div(255)
+
+
+@register
+class BitDepth(Purifier):
+    name = "bitdepth"
+    description = "Reduce every channel to a few bits (feature squeezing, Xu et al. 2018)."
+    params = (Param("bits", int, 3, "bits per channel", min=1, max=8),)
+
+    def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        levels = 2**self.bits - 1
+        return images.clamp(0, 1).mul(levels).round().div(levels)
+
+
+@register
+class Median(Purifier):
+    name = "median"
+    description = "Median filter over a square window (spatial smoothing), reflect-padded."
+    params = (Param("kernel", int, 3, "window side (odd)", min=3, max=15),)
+
+    def __init__(self, device="cpu", **values) -> None:
+        super().__init__(device, **values)
+        if self.kernel % 2 == 0:
+            raise ParamError(f"parameter kernel={self.kernel}: must be odd")
+
+    def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        k = self.kernel
+        n, c, h, w = images.shape
+        padded = F.pad(images, (k // 2,) * 4, mode="reflect")
+        # N x C*k*k x H*W windows; the median over each window's k*k values.
+        windows = F.unfold(padded, kernel_size=k).view(n, c, k * k, h, w)
+        return windows.median(dim=2).values
+
+
+@register
+class TotalVariation(Purifier):
+    name = "tvm"
+    description = "Total-variation minimisation (Chambolle's projection, as scikit-image's)."
+    params = (
+        Param("weight", float, 0.1, "denoising weight: larger removes more", min=1e-6, max=10.0),
+        Param("eps", float, 2e-4, "relative change of the energy that stops a channel", min=0.0),
+        Param("iterations", int, 200, "maximum iterations", min=1, max=10000),
+    )
+
+    def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        return tv_chambolle(images, self.weight, self.eps, self.iterations)
+
+
+def tv_chambolle(
+    images: torch.Tensor, weight: float = 0.1, eps: float = 2e-4, iterations: int = 200
+) -> torch.Tensor:
+    """``skimage.restoration.denoise_tv_chambolle(..., channel_axis=...)``, batched.
+
+    Each image channel is denoised on its own and stops on its own criterion, exactly as
+    scikit-image does channel by channel; here all channels of all images advance together.
+    """
+    x = images
+    tau = 0.25  # 1 / (2 * ndim) for 2-D channels
+    p = torch.zeros((2, *x.shape), dtype=x.dtype, device=x.device)
+    g = torch.zeros_like(p)
+    result = x.clone()
+    active = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    pixels = float(x.shape[-2] * x.shape[-1])
+    e_init = e_prev = None
+    out = x
+    for i in range(iterations):
+        if i > 0:
+            d = -p.sum(0)
+            d[..., 1:, :] += p[0, ..., :-1, :]
+            d[..., :, 1:] += p[1, ..., :, :-1]
+            out = x + d
+            energy = d.square().sum((-2, -1))
+        else:
+            out = x
+            energy = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
+        g[0, ..., :-1, :] = out[..., 1:, :] - out[..., :-1, :]
+        g[1, ..., :, :-1] = out[..., :, 1:] - out[..., :, :-1]
+        norm = g.square().sum(0).sqrt()
+        energy = (energy + weight * norm.sum((-2, -1))) / pixels
+        p = (p - tau * g) / (norm * (tau / weight) + 1.0)
+        if i == 0:
+            e_init = e_prev = energy
+            continue
+        converged = active & ((e_prev - energy).abs() < eps * e_init)
+        result[converged] = out[converged]
+        active &= ~converged
+        e_prev = energy
+        if not bool(active.any()):
+            return result
+    result[active] = out[active]
+    return result
+
+
+@register
+class RandomResizePad(Purifier):
+    name = "randpad"
+    description = (
+        "Random resize and random zero padding (Xie et al. 2018), then back to the input size."
+    )
+    params = (
+        Param(
+            "max_scale",
+            float,
+            331 / 299,
+            "padded canvas size relative to the input (Xie et al.: 331/299)",
+            min=1.0,
+            max=2.0,
+        ),
+        Param("mode", str, "bilinear", "interpolation", choices=INTERPOLATIONS),
+    )
+    stochastic = True
+    differentiable = True
+
+    def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        canvas_h, canvas_w = round(height * self.max_scale), round(width * self.max_scale)
+        outputs = []
+        # The draws differ per image, so each image is its own small resize; draws come from a
+        # CPU generator per seed so the result is the same on every device.
+        for image, gen in zip(images, generators(seeds, torch.device("cpu")), strict=True):
+            scale = 1.0 + (self.max_scale - 1.0) * float(torch.rand((), generator=gen))
+            new_h = min(canvas_h, max(height, int(height * scale)))
+            new_w = min(canvas_w, max(width, int(width * scale)))
+            top = int(torch.randint(0, canvas_h - new_h + 1, (), generator=gen))
+            left = int(torch.randint(0, canvas_w - new_w + 1, (), generator=gen))
+            resized = resize(image[None], (new_h, new_w), self.mode)
+            padded = F.pad(
+                resized, (left, canvas_w - new_w - left, top, canvas_h - new_h - top), value=0.0
+            )
+            outputs.append(resize(padded, (height, width), self.mode))
+        return torch.cat(outputs)
