@@ -1,2 +1,3 @@
 """advpurify: adversarial purification."""
+
 __version__ = "0.1.0"
