@@ -1,0 +1,182 @@
+"""Discovery, decoding of every supported kind of image, encoding and atomic writes."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from advpurify.images import (
+    ImageDecodeError,
+    atomic_write_bytes,
+    decode_image,
+    encode_image,
+    find_images,
+    load_image,
+    remove_stale_temporaries,
+    save_image,
+)
+
+
+def _pil_bytes(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_find_images_is_recursive_sorted_and_skips_hidden(tmp_path: Path) -> None:
+    for rel in [
+        "b/2.PNG",
+        "a.jpg",
+        "b/1.webp",
+        "c/d/e.TIFF",
+        ".hidden/x.png",
+        "notes.txt",
+        "b/.x.png.abc.partial",
+        "z.bmp",
+        "y.jpeg",
+        "w.tif",
+    ]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    assert found == ["a.jpg", "b/1.webp", "b/2.PNG", "c/d/e.TIFF", "w.tif", "y.jpeg", "z.bmp"]
+
+
+def test_real_jpeg_decodes_like_pillow(sample_paths: list[Path]) -> None:
+    path = sample_paths[0]
+    image = load_image(path)
+    with Image.open(path) as img:
+        expected = np.asarray(img.convert("RGB"), dtype=np.float32) / 255
+    assert image.dtype == torch.float32 and image.shape == (3, *expected.shape[:2])
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), expected)
+
+
+def test_grayscale_samples_become_three_equal_channels(sample_paths: list[Path]) -> None:
+    gray = []
+    for path in sample_paths:
+        with Image.open(path) as img:
+            if img.mode == "L":
+                gray.append(path)
+    assert len(gray) == 4  # the sample set documents four grayscale images
+    for path in gray:
+        image = load_image(path)
+        assert image.shape[0] == 3
+        assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
+def test_16_bit_colour_png_keeps_its_precision(tmp_path: Path) -> None:
+    rgb16 = np.zeros((4, 5, 3), dtype=np.uint16)
+    rgb16[..., 0] = 1000  # not a multiple of 257: an 8-bit decode would lose it
+    rgb16[..., 2] = 65535
+    path = tmp_path / "deep.png"
+    cv2.imwrite(str(path), cv2.cvtColor(rgb16, cv2.COLOR_RGB2BGR))
+    image = load_image(path)
+    assert torch.allclose(image[0], torch.full((4, 5), 1000 / 65535))
+    assert torch.allclose(image[2], torch.ones(4, 5))
+    assert torch.all(image[1] == 0)
+
+
+def test_16_bit_grayscale_png(tmp_path: Path) -> None:
+    gray = np.arange(20, dtype=np.uint16).reshape(4, 5) * 3000
+    path = tmp_path / "gray16.png"
+    Image.fromarray(gray).save(path)
+    image = load_image(path)
+    assert torch.allclose(image[1], torch.from_numpy(gray.astype(np.float32) / 65535))
+
+
+@pytest.mark.parametrize(("background", "value"), [("white", 1.0), ("black", 0.0)])
+def test_rgba_is_composited_on_the_chosen_background(background: str, value: float) -> None:
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)  # opaque red
+    rgba[1, 1] = (0, 0, 255, 0)  # fully transparent
+    data = _pil_bytes(Image.fromarray(rgba, "RGBA"), "PNG")
+    image = decode_image(data, "x.png", background=background)
+    assert image[:, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    assert image[:, 1, 1].tolist() == [value] * 3
+
+
+def test_palette_with_transparency_cmyk_and_bilevel() -> None:
+    palette = Image.new("P", (3, 3), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.info["transparency"] = 0
+    image = decode_image(_pil_bytes(palette, "PNG"), "p.png")
+    assert image[:, 1, 1].tolist() == pytest.approx([10 / 255, 200 / 255, 30 / 255])
+
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red in CMYK
+    red = decode_image(_pil_bytes(cmyk, "JPEG", quality=100), "c.jpg")
+    assert red[0].mean() > 0.95 and red[1].mean() < 0.05
+
+    bilevel = Image.new("1", (4, 4), 1)
+    assert torch.all(decode_image(_pil_bytes(bilevel, "BMP"), "b.bmp") == 1)
+
+
+def test_exif_orientation_is_applied() -> None:
+    pixels = np.zeros((2, 4, 3), dtype=np.uint8)
+    pixels[0, 0] = 255  # top-left white
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = 6  # stored rotated: a viewer turns it 90 degrees clockwise
+    image = decode_image(_pil_bytes(img, "JPEG", quality=100, exif=exif.tobytes()), "r.jpg")
+    assert image.shape == (3, 4, 2)
+    assert image[:, 0, 1].min() > 0.8  # the white corner is now at the top right
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("empty.png", b"", "empty file"),
+        ("text.jpg", b"this is not an image\n", "not a recognised image"),
+    ],
+)
+def test_bad_files_name_the_file_and_the_reason(
+    tmp_path: Path, name: str, content: bytes, reason: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ImageDecodeError) as caught:
+        load_image(path)
+    assert str(path) in str(caught.value) and reason in str(caught.value)
+
+
+def test_truncated_real_jpeg_is_refused(tmp_path: Path, sample_paths: list[Path]) -> None:
+    data = sample_paths[1].read_bytes()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        load_image(path)
+
+
+def test_png_round_trip_is_lossless_and_lossy_formats_honour_quality(
+    tmp_path: Path, sample_paths: list[Path]
+) -> None:
+    image = load_image(sample_paths[2])
+    save_image(image, tmp_path / "x.png")
+    assert torch.equal(load_image(tmp_path / "x.png"), image)
+    for fmt in ("jpg", "webp"):
+        low, high = encode_image(image, fmt, 20), encode_image(image, fmt, 95)
+        assert len(low) < len(high)
+        decoded = decode_image(high, f"x.{fmt}")
+        assert (decoded - image).abs().mean() < 0.02
+
+
+def test_atomic_write_leaves_no_temporary_and_replaces(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "out.png"
+    atomic_write_bytes(target, b"first")
+    atomic_write_bytes(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert [p.name for p in target.parent.iterdir()] == ["out.png"]
+
+
+def test_failed_write_cleans_up_and_stale_temporaries_are_removed(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        atomic_write_bytes(tmp_path / "x.png", object())  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / ".x.png.abc123.partial").write_bytes(b"half")
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert list(tmp_path.iterdir()) == []
