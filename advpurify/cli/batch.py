@@ -146,9 +146,20 @@ def _show(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else repr(value)
 
 
+def samples(
+    folder: Path = typer.Argument(..., help="Folder to write the photographs into."),
+) -> None:
+    """Write real sample photographs (shipped in scikit-image and matplotlib) as PNG files."""
+    from advpurify.samples import write_sample_photos
+
+    paths = write_sample_photos(folder)
+    err_console.print(f"{len(paths)} sample photographs in {folder}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("batch")(batch)
     app.command("methods")(methods)
+    app.command("samples")(samples)
 
 
 def standalone_app() -> typer.Typer:
