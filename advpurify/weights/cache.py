@@ -1,0 +1,99 @@
+"""The weights cache: one converted ``safetensors`` file per model under ``$ADVPURIFY_HOME``.
+
+Layout::
+
+    <cache_home>/weights/<model>.safetensors   converted, ready to load
+    <cache_home>/downloads/<file>[.part]       raw downloads (a .part is resumable)
+
+Everything is written to a temporary file beside its target and ``os.replace``-d into place,
+so a reader never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from advpurify.paths import cache_home
+from advpurify.weights.registry import WeightsError, group_of
+
+
+class WeightsNotFound(WeightsError):
+    """The model's converted weights are not in the cache."""
+
+
+def weights_dir() -> Path:
+    return cache_home() / "weights"
+
+
+def downloads_dir() -> Path:
+    return cache_home() / "downloads"
+
+
+def cached_path(model: str) -> Path:
+    """Where the converted weights of ``model`` live (the file may not exist yet)."""
+    return weights_dir() / f"{model}.safetensors"
+
+
+def is_cached(model: str) -> bool:
+    return cached_path(model).is_file()
+
+
+def not_found_message(model: str) -> str:
+    fetch_name = group_of(model) or model
+    return (
+        f"weights {model} not found in {weights_dir()}: run `advpurify weights fetch "
+        f"{fetch_name}` or `advpurify weights import {model} FILE`"
+    )
+
+
+def require(model: str) -> Path:
+    """The cached file of ``model``, or :class:`WeightsNotFound` saying how to get it."""
+    path = cached_path(model)
+    if not path.is_file():
+        raise WeightsNotFound(not_found_message(model))
+    return path
+
+
+def load_state_dict(model: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = require(model)
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as error:
+        raise WeightsError(
+            f"{path}: cached weights unreadable ({error}); re-import or fetch {model}"
+        ) from None
+
+
+def save_state_dict(
+    model: str, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
+    """Write ``state`` atomically as the cached weights of ``model``."""
+    from safetensors.torch import save_file
+
+    target = cached_path(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{model}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata or {})
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def file_digest(path: Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
