@@ -1,1 +1,185 @@
-"""(being written)"""
+"""PPGN-h sampling (Nguyen et al. 2017) used as a purifier.
+
+The image is encoded to a CaffeNet fc6 code, h0 = E(x), and the code is moved for ``steps``
+iterations along
+
+    d_h = eps1 * (E(G(h)) - h)                 the prior: h -> image -> h "upside-down" autoencoder
+        + data_weight * J_G(h)^T (x - G(h))    keeps the generated image near the input
+        + N(0, eps3)                           noise, drawn from the image's own seed
+    h  <- clip(h + lr / mean(|d_h|) * d_h, 0, 30)
+
+(no class term: the true class is unknown and the adversarial prediction is wrong). The output
+is G(h_T): its 227 x 227 centre, the part E sees, resized back to the input's size. Everything
+is computed per image inside the batch (the step normalisation too), so an image's result does
+not depend on its batch-mates. Defaults follow the published "sampling from a real image"
+settings (200 steps, lr 0.5, eps1 1e-5, eps3 1e-17) and the inpainting context weight (1e-9)
+for the data term; G(x)'s pixel scale (0..255) is what these weights were tuned for.
+
+``stochastic`` is True as a class attribute: with ``eps3 > 0`` the output depends on the seed
+(with ``eps3 = 0`` it does not, and the seed is simply unused). ``differentiable`` is False: the
+sampler is an iterative loop; attacks go through it with BPDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from advpurify.purifiers.base import Param, Purifier, generators, register
+
+CODE_MAX = 30.0  # the PPGN code's clip range: fc6 after ReLU stays within [0, 30]
+# The engine's backends (advpurify.engine.backends.CHOICES); the sampler loop itself is torch.
+END_BACKENDS = ("torch", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "auto")
+
+
+@register
+class PPGNPurifier(Purifier):
+    name = "ppgn"
+    description = "PPGN-h sampler: DeePSiM generator prior over CaffeNet fc6 codes"
+    params = (
+        Param("steps", int, 200, "sampler iterations", min=0, max=100000),
+        Param("lr", float, 0.5, "step size (the step is lr / mean|d_h| per image)", min=0.0),
+        Param("eps1", float, 1e-5, "weight of the prior term E(G(h)) - h", min=0.0),
+        Param("data_weight", float, 1e-9, "weight of the term keeping G(h) near the input",
+              min=0.0),
+        Param("eps3", float, 1e-17, "standard deviation of the noise added to d_h", min=0.0),
+        Param("weights", str, "cached", "cached (the weights cache) or random (tests)",
+              choices=("cached", "random")),
+        Param("backend", str, "torch", "runtime of the feed-forward ends E(x) and G(h_T)",
+              choices=END_BACKENDS),
+    )  # fmt: skip
+    stochastic = True
+    differentiable = False
+
+    def __init__(self, device: str | torch.device = "cpu", **values) -> None:
+        super().__init__(device, **values)
+        if self.weights == "cached":
+            # Fail at construction, before a batch run starts, with the commands to run.
+            from advpurify.weights import require
+
+            require("deepsim-fc6")
+            require("caffenet-fc6")
+        self._models: dict[torch.device, tuple[torch.nn.Module, torch.nn.Module]] = {}
+        self._ends: dict[torch.device, object] = {}
+
+    def models(self, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(G, E) on ``device``, loaded once; missing weights raise with the commands to run."""
+        if device not in self._models:
+            from advpurify.models.caffenet import build_encoder
+            from advpurify.models.deepsim import build_generator
+
+            weights = "random" if self.weights == "random" else None
+            generator = build_generator(weights).to(device).requires_grad_(False)
+            encoder = build_encoder(weights).to(device).requires_grad_(False)
+            self._models[device] = (generator, encoder)
+        return self._models[device]
+
+    def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        from advpurify.models.caffe_pixels import caffe_to_rgb01
+        from advpurify.models.deepsim import center_crop
+
+        generator, _ = self.models(images.device)
+        codes = self.sample(images, seeds)
+        with torch.no_grad():
+            ends = self._feed_forward(images.device)
+            out = caffe_to_rgb01(center_crop(ends.generate(codes)), generator.mean)
+            height, width = images.shape[-2:]
+            if out.shape[-2:] != (height, width):
+                shrink = height < out.shape[-2] or width < out.shape[-1]
+                out = F.interpolate(
+                    out, size=(height, width), mode="bilinear", align_corners=False,
+                    antialias=shrink,
+                ).clamp(0.0, 1.0)  # fmt: skip
+        return out.to(images.dtype)
+
+    def sample(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """The sampler's final codes h_T (``N x 4096``) for [0, 1] RGB ``images``."""
+        device = images.device
+        generator, encoder = self.models(device)
+        target = encoder.preprocess(images.float())  # 227 x 227, Caffe pixel space
+        h = self._feed_forward(device).encode(target).clamp(0.0, CODE_MAX)
+        gens = generators(seeds, device) if self.eps3 > 0 else None
+        for _ in range(self.steps):
+            h = self._step(h, target, generator, encoder, gens)
+        return h
+
+    def _step(self, h, target, generator, encoder, gens) -> torch.Tensor:
+        from advpurify.models.deepsim import center_crop
+
+        with torch.enable_grad():
+            code = h.detach().requires_grad_(self.data_weight > 0)
+            crop = center_crop(generator.caffe(code))
+            if self.data_weight > 0:
+                # Summed over the batch: each image's gradient involves only its own code.
+                loss = 0.5 * (crop - target).pow(2).sum()
+                d_data = -torch.autograd.grad(loss, code)[0]
+        with torch.no_grad():
+            d_h = self.eps1 * (encoder.caffe(crop.detach()) - h)
+            if self.data_weight > 0:
+                d_h = d_h + self.data_weight * d_data
+            if gens is not None:
+                noise = torch.stack(
+                    [torch.randn(h.shape[1:], generator=g, device=h.device) for g in gens]
+                )
+                d_h = d_h + self.eps3 * noise
+            scale = d_h.abs().mean(dim=1, keepdim=True)
+            step = torch.where(scale > 0, self.lr / scale.clamp_min(1e-30), torch.zeros_like(scale))
+            return (h + step * d_h).clamp(0.0, CODE_MAX)
+
+    def _feed_forward(self, device: torch.device):
+        """The one-shot ends E(x) and G(h_T): eager torch, or an engine backend."""
+        if device not in self._ends:
+            generator, encoder = self.models(device)
+            if self.backend == "torch":
+                self._ends[device] = _TorchEnds(generator, encoder)
+            else:
+                self._ends[device] = _BackendEnds(generator, encoder, self.backend, device)
+        return self._ends[device]
+
+
+class _TorchEnds:
+    def __init__(self, generator, encoder) -> None:
+        self.generator, self.encoder = generator, encoder
+
+    @torch.no_grad()
+    def encode(self, caffe_images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.caffe(caffe_images)
+
+    @torch.no_grad()
+    def generate(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.generator.caffe(codes)
+
+
+class _BackendEnds:
+    """E.caffe and G.caffe on an engine backend (ONNX Runtime, TensorRT), exported once."""
+
+    def __init__(self, generator, encoder, backend: str, device: torch.device) -> None:
+        from advpurify.engine.backends import create_backend
+
+        self.encoder = create_backend(
+            backend, CaffeEnd(encoder), device=str(device), sample_shape=(3, 227, 227),
+            label="ppgn-encoder", notify=None,
+        )  # fmt: skip
+        self.generator = create_backend(
+            backend, CaffeEnd(generator), device=str(device), sample_shape=(4096,),
+            label="ppgn-generator", notify=None,
+        )  # fmt: skip
+
+    def encode(self, caffe_images: torch.Tensor) -> torch.Tensor:
+        return self.encoder.run(caffe_images.contiguous()).clone()  # a normal tensor again
+
+    def generate(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.generator.run(codes.contiguous()).clone()
+
+
+class CaffeEnd(torch.nn.Module):
+    """A model's Caffe-space ``caffe`` method as ``forward`` (what the sampler exchanges)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.caffe(x)
