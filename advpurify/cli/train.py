@@ -1,5 +1,75 @@
-"""(being written)"""
+"""``advpurify train ...``: training commands (the Context Encoder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+train_app = typer.Typer(
+    help="Train the generative models the purifiers use.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 
 
-def register(app) -> None:
-    pass
+@train_app.command("context-encoder")
+def context_encoder(
+    data: Path = typer.Option(
+        ..., "--data", help="Folder of training images (searched recursively)."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint file to write (.pt)."),
+    steps: int = typer.Option(1000, "--steps", help="Total optimisation steps."),
+    size: str = typer.Option("small", "--size", help="Network size: small or paper (71M)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Crops per step."),
+    lr: float = typer.Option(2e-4, "--lr", help="Adam learning rate of the discriminator."),
+    g_lr_mult: float = typer.Option(10.0, "--g-lr-mult", help="Generator lr = lr x this."),
+    min_crop: float = typer.Option(
+        0.3, "--min-crop", help="Smallest crop side, as a fraction of the shorter image side."
+    ),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every", help="Steps between saves."),
+    sample_every: int = typer.Option(
+        100,
+        "--sample-every",
+        help="Steps between sample grids (PNG beside the checkpoint); 0: none.",
+    ),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision (CUDA only)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint at -o."),
+) -> None:
+    """Train a Context Encoder (Pathak et al. 2016) with the published recipe."""
+    from advpurify.train.context_encoder import TrainConfig, train
+
+    result = train(
+        TrainConfig(
+            data=data,
+            output=output,
+            steps=steps,
+            size=size,
+            batch_size=batch_size,
+            lr=lr,
+            g_lr_mult=g_lr_mult,
+            min_crop=min_crop,
+            checkpoint_every=checkpoint_every,
+            sample_every=sample_every,
+            seed=seed,
+            device=device,
+            amp=amp,
+            resume=resume,
+        )
+    )
+    if result.history:
+        last = result.history[-1]
+        typer.echo(
+            f"steps {result.start_step}..{result.step}: L2 {last['l2']:.4f}, "
+            f"adv {last['adv']:.3f}, D {last['d']:.3f}; checkpoint {result.output}"
+        )
+    else:
+        typer.echo(f"already at step {result.step}: nothing to do ({result.output})")
+    if result.samples:
+        typer.echo(f"samples: {result.samples[-1].parent}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(train_app, name="train")

@@ -1,1 +1,209 @@
-"""(being written)"""
+"""Context Encoder purification: regenerate image regions from their surroundings.
+
+``center`` is the original experiment: the image is downscaled to 128 x 128, the generator
+inpaints the hole, and the inpainted hole, upscaled, replaces the centre of the image at its
+native resolution; every other pixel is returned untouched. ``tiled`` slides the hole over a grid
+so that every region is regenerated from its context: the image is scaled so that its shorter
+side is ``size`` pixels and reflect-padded, each 56 x 56 hole of the grid is inpainted from its
+128 x 128 context, overlapping holes are blended with a tent window, and the result is scaled
+back. All windows of all images in a batch go through the generator together (in chunks of
+``batch``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from advpurify.engine.backends import CHOICES as BACKEND_CHOICES
+from advpurify.models.context_encoder import (
+    CENTER_START,
+    DEFAULT_WEIGHTS,
+    FINE_SIZE,
+    HOLE_END,
+    HOLE_START,
+    ContextEncoder,
+    load_generator,
+)
+from advpurify.purifiers.base import Param, Purifier, register
+
+HOLE = HOLE_END - HOLE_START  # 56
+PAD = HOLE_START  # context to the left of / above a hole: 36
+INNER = slice(HOLE_START - CENTER_START, HOLE_END - CENTER_START)  # the hole in the 64 x 64 output
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize, antialiased when shrinking (so downscaling does not alias)."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    shrink = size[0] < images.shape[-2] or size[1] < images.shape[-1]
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def hole_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """The hole [36:92] of the 128 x 128 view, in native pixel coordinates: y0, y1, x0, x1."""
+    return (
+        round(HOLE_START * height / FINE_SIZE),
+        round(HOLE_END * height / FINE_SIZE),
+        round(HOLE_START * width / FINE_SIZE),
+        round(HOLE_END * width / FINE_SIZE),
+    )
+
+
+def grid_starts(length: int, stride: int) -> torch.Tensor:
+    """Hole positions along one axis: every ``stride`` pixels, the last flush with the end."""
+    starts = list(range(0, length - HOLE + 1, stride))
+    if starts[-1] != length - HOLE:
+        starts.append(length - HOLE)
+    return torch.tensor(starts)
+
+
+def tent(device: torch.device) -> torch.Tensor:
+    """56 x 56 blending weights: highest in the middle of a hole, positive up to its edge."""
+    ramp = torch.arange(HOLE, device=device, dtype=torch.float32)
+    line = torch.minimum(ramp + 1, HOLE - ramp)
+    return line[:, None] * line[None, :]
+
+
+@register
+class ContextEncoderPurifier(Purifier):
+    name = "context-encoder"
+    description = (
+        "Context Encoder inpainting (Pathak et al. 2016): regenerate the centre (center) or "
+        "every region of the image from its surroundings (tiled)"
+    )
+    params = (
+        Param(
+            "mode",
+            str,
+            "center",
+            "center: the original experiment; tiled: whole image",
+            choices=("center", "tiled"),
+        ),
+        Param(
+            "weights",
+            str,
+            DEFAULT_WEIGHTS,
+            "a checkpoint from `advpurify train context-encoder`, a .safetensors/.t7 file, "
+            "or cached weights",
+        ),
+        Param(
+            "size",
+            int,
+            128,
+            "tiled: shorter image side at which holes are inpainted",
+            min=HOLE,
+            max=4096,
+        ),
+        Param(
+            "stride",
+            int,
+            28,
+            "tiled: hole spacing in working pixels (<= 56 covers all)",
+            min=1,
+            max=HOLE,
+        ),
+        Param("batch", int, 256, "most windows per generator call", min=1, max=65536),
+        Param(
+            "backend",
+            str,
+            "torch",
+            "where the generator runs (engine backends)",
+            choices=BACKEND_CHOICES,
+        ),
+    )
+    stochastic = False
+    differentiable = True  # on the torch backend: resizes, generator and blending all have grads
+
+    def __init__(self, device: str | torch.device = "cpu", **values: Any) -> None:
+        super().__init__(device=device, **values)
+        self.model = ContextEncoder(load_generator(self.weights)).eval().to(self.device)
+        self._backend = None
+        self._digest: str | None = None
+        # Gradients flow through the torch backend only (exported engines are inference-only).
+        self.differentiable = self.backend == "torch"
+        if self.backend != "torch":
+            from advpurify.engine.backends import create_backend
+
+            self._backend = create_backend(
+                self.backend,
+                self.model,
+                device=str(self.device),
+                label="context-encoder",
+                sample_shape=(3, FINE_SIZE, FINE_SIZE),
+                max_batch=self.batch,
+            )
+
+    def config(self) -> dict[str, Any]:
+        # The weights' content, not only their path: a checkpoint retrained in place must not
+        # be mistaken for the old one by resumable runs and cached experiment stages.
+        if self._digest is None:
+            from advpurify.export.cache import module_digest
+
+            self._digest = module_digest(self.model.generator)
+        return {**super().config(), "generator_sha256": self._digest}
+
+    # ------------------------------------------------------------------ generator
+    def inpaint(self, contexts: torch.Tensor) -> torch.Tensor:
+        """``T x 3 x 128 x 128`` contexts -> ``T x 3 x 56 x 56`` inpainted holes, in chunks."""
+        outputs = []
+        for chunk in contexts.split(self.batch):
+            if self._backend is not None:
+                centre = self._backend(chunk.contiguous())
+            else:
+                model = self.model.to(chunk.device)
+                with torch.set_grad_enabled(torch.is_grad_enabled() and chunk.requires_grad):
+                    centre = model(chunk)
+            outputs.append(centre[:, :, INNER, INNER])
+        return torch.cat(outputs)
+
+    # ------------------------------------------------------------------ modes
+    def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        if self.mode == "center":
+            return self.purify_center(images)
+        return self.purify_tiled(images)
+
+    def purify_center(self, images: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        holes = self.inpaint(resize(images, (FINE_SIZE, FINE_SIZE)))
+        y0, y1, x0, x1 = hole_box(height, width)
+        patch = resize(holes, (y1 - y0, x1 - x0)).clamp(0, 1)
+        # Out of place, so that autograd sees the paste; pixels outside the box are copied.
+        keep = torch.ones_like(images[:1, :1])
+        keep[..., y0:y1, x0:x1] = 0
+        return images * keep + F.pad(patch, (x0, width - x1, y0, height - y1)) * (1 - keep)
+
+    def purify_tiled(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = images.shape
+        scale = self.size / min(height, width)
+        h, w = max(HOLE, round(height * scale)), max(HOLE, round(width * scale))
+        work = resize(images, (h, w))
+        padded = F.pad(work, (PAD, FINE_SIZE - HOLE - PAD) * 2, mode="reflect")
+        ys, xs = (grid_starts(h, self.stride), grid_starts(w, self.stride))
+        ys, xs = ys.to(images.device), xs.to(images.device)
+        window = torch.arange(FINE_SIZE, device=images.device)
+        rows = (ys[:, None] + window)[:, None, :, None]  # ny x 1 x 128 x 1
+        cols = (xs[:, None] + window)[None, :, None, :]  # 1 x nx x 1 x 128
+        contexts = padded[:, :, rows, cols]  # N x 3 x ny x nx x 128 x 128
+        ny, nx = len(ys), len(xs)
+        contexts = contexts.permute(0, 2, 3, 1, 4, 5).reshape(n * ny * nx, 3, FINE_SIZE, FINE_SIZE)
+        holes = self.inpaint(contexts).reshape(n, ny, nx, 3, HOLE, HOLE)
+
+        weight = tent(images.device)
+        hole = torch.arange(HOLE, device=images.device)
+        index = (
+            torch.arange(n, device=images.device).view(n, 1, 1, 1, 1, 1),
+            torch.arange(3, device=images.device).view(1, 1, 1, 3, 1, 1),
+            (ys[:, None] + hole).view(1, ny, 1, 1, HOLE, 1),
+            (xs[:, None] + hole).view(1, 1, nx, 1, 1, HOLE),
+        )
+        total = work.new_zeros(n, 3, h, w).index_put(index, holes * weight, accumulate=True)
+        norm = work.new_zeros(1, 1, h, w).index_put(
+            (index[0][:1] * 0, index[1][:, :, :, :1] * 0, index[2], index[3]),
+            weight.expand(1, ny, nx, 1, HOLE, HOLE),
+            accumulate=True,
+        )
+        return resize(total / norm, (height, width)).clamp(0, 1)

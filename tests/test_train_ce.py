@@ -1,0 +1,181 @@
+"""Training the Context Encoder on a few real photographs: losses, checkpoints, resume, CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from advpurify.images import load_image, save_image
+from advpurify.train.context_encoder import TrainConfig, TrainError, load_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """Four real photographs (scikit-image's data set, not the evaluation images), downscaled,
+    plus one corrupt file that training must skip with a warning."""
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        image = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).float() / 255
+        small = torch.nn.functional.interpolate(
+            image[None], scale_factor=0.4, antialias=True, mode="bilinear"
+        )[0].clamp(0, 1)
+        save_image(small, folder / f"{name}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return folder
+
+
+def _held_out_l2(photos: Path, checkpoint: Path, seed: int) -> tuple[float, float]:
+    """The weighted L2 of the initial and the trained generator on 16 fixed crops."""
+    from advpurify.images import find_images
+    from advpurify.models.context_encoder import build_generator, fill_hole
+    from advpurify.train.context_encoder import CropSampler, centre_of, l2_weights
+
+    paths = [p for p in find_images(photos) if p.suffix == ".png"]
+    crops = CropSampler(paths, torch.Generator().manual_seed(123)).batch(16) * 2 - 1
+    weights = l2_weights(10.0, torch.device("cpu"))
+    torch.manual_seed(seed)  # the trainer builds its generator right after seeding
+    initial = build_generator("small")
+    trained = build_generator("small")
+    trained.load_state_dict(load_checkpoint(checkpoint)["G"])
+    with torch.no_grad():  # batch statistics (train mode): running means are young at step 12
+        return tuple(
+            float((weights * (g.train()(fill_hole(crops)) - centre_of(crops)) ** 2).mean())
+            for g in (initial, trained)
+        )
+
+
+def _config(photos: Path, output: Path, **changes) -> TrainConfig:
+    values = dict(
+        data=photos,
+        output=output,
+        steps=8,
+        size="small",
+        batch_size=4,
+        checkpoint_every=4,
+        sample_every=8,
+        progress=False,
+        seed=1,
+    )
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def test_losses_finite_l2_decreases_samples_written(photos: Path, tmp_path: Path, capsys) -> None:
+    result = train(_config(photos, tmp_path / "ce.pt", steps=12, sample_every=12))
+    assert [h["step"] for h in result.history] == list(range(1, 13))
+    for entry in result.history:
+        assert all(torch.isfinite(torch.tensor(v)) for v in entry.values())
+    l2 = [h["l2"] for h in result.history]
+    assert sum(l2[-4:]) < sum(l2[:4]), f"L2 did not decrease: {l2}"
+    # On one fixed batch of held crops, the trained generator's L2 is well below the initial one.
+    before, after = _held_out_l2(photos, tmp_path / "ce.pt", seed=1)
+    assert after < 0.85 * before, f"held-out L2 {before:.4f} -> {after:.4f}"
+    assert "broken.jpg" in capsys.readouterr().err  # skipped with a warning, training went on
+
+    state = load_checkpoint(tmp_path / "ce.pt")
+    assert state["step"] == 12 and state["size"] == "small"
+    [sample] = result.samples
+    grid = load_image(sample)
+    assert grid.shape[0] == 3 and grid.shape[1] > 128 * 8  # 8 rows of context/inpainted/real
+
+
+def test_resume_continues_from_saved_step(photos: Path, tmp_path: Path, capsys) -> None:
+    straight = train(_config(photos, tmp_path / "straight.pt", steps=6))
+
+    # Interrupted as a job scheduler does (SIGTERM) during step 3: the step completes, the
+    # checkpoint is written, and the run stops.
+    interrupted = tmp_path / "resumed.pt"
+
+    def terminate(step: int, losses: dict[str, float]) -> None:
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(photos, interrupted, steps=6, checkpoint_every=100), on_step=terminate)
+    assert load_checkpoint(interrupted)["step"] == 3
+    assert "interrupted at step 3" in capsys.readouterr().err
+
+    resumed = train(_config(photos, interrupted, steps=6, resume=True))
+    assert resumed.start_step == 3
+    assert [h["step"] for h in resumed.history] == [4, 5, 6]
+    # Same crops, same optimiser state: the resumed run ends where the straight one did.
+    for a, b in zip(straight.history[3:], resumed.history, strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    g_straight = load_checkpoint(tmp_path / "straight.pt")["G"]
+    g_resumed = load_checkpoint(interrupted)["G"]
+    for key, value in g_straight.items():
+        torch.testing.assert_close(g_resumed[key], value, rtol=1e-4, atol=1e-6)
+
+    with pytest.raises(TrainError, match="exists: pass --resume"):
+        train(_config(photos, interrupted))
+    with pytest.raises(TrainError, match="trained with --size small"):
+        train(_config(photos, interrupted, resume=True, size="paper"))
+
+
+def test_cli_trains_and_reports_errors_in_one_line(
+    photos: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from typer.testing import CliRunner
+
+    from advpurify.cli import app
+
+    output = tmp_path / "cli.pt"
+    args = [
+        "train",
+        "context-encoder",
+        "--data",
+        str(photos),
+        "-o",
+        str(output),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--sample-every",
+        "0",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "steps 0..2" in result.output and output.is_file()
+
+    # The entry point prints a user error as one line (no traceback) and exits 1.
+    from advpurify.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "advpurify",
+            "train",
+            "context-encoder",
+            "--data",
+            str(empty),
+            "-o",
+            str(tmp_path / "x.pt"),
+            "--steps",
+            "1",
+        ],
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {empty}: no image files found"]
+
+
+@pytest.mark.gpu
+def test_cuda_mixed_precision_training(photos: Path, tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    result = train(_config(photos, tmp_path / "gpu.pt", steps=4, device="cuda", amp=True))
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in result.history)
+    resumed = train(_config(photos, tmp_path / "gpu.pt", steps=6, device="cuda", resume=True))
+    assert [h["step"] for h in resumed.history] == [5, 6]
