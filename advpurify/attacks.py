@@ -1,0 +1,236 @@
+"""Gradient attacks on ``[0, 1]`` images: FGSM, I-FGSM, PGD; with BPDA + EOT through a purifier.
+
+``eps`` and ``step_size`` are in 1/255 units (``eps=16`` moves each pixel by at most 16/255).
+
+Adaptive evaluation (Athalye, Carlini & Wagner 2018): an attacker who knows the defence attacks
+``classifier(purifier(x))``. Where the purifier is differentiable its true gradient is used;
+where it is not (JPEG, bit depth, median, DIP...), BPDA uses the purifier in the forward pass and
+the identity in the backward pass. For a stochastic purifier, EOT averages the gradient over
+``eot`` draws, each with fresh seeds that differ from the seeds the defence uses at test time.
+
+Every image's attack depends only on that image, its label and its seed: losses are summed per
+image and models run in eval mode, so batch composition never changes a result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advpurify.errors import AdvpurifyError
+from advpurify.purifiers.base import Purifier, generators, image_seed
+
+ATTACKS = ("fgsm", "ifgsm", "pgd")
+
+
+class AttackError(AdvpurifyError, ValueError):
+    """An unknown attack or a parameter out of range."""
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """What to run. ``None`` fields take the attack's usual default (see :meth:`resolved`)."""
+
+    name: str = "fgsm"
+    eps: float = 16.0  # in 1/255
+    steps: int | None = None
+    step_size: float | None = None  # in 1/255
+    random_start: bool | None = None
+    targeted: bool = False
+    eot: int = 1  # gradient draws per step through a stochastic purifier
+
+    def resolved(self) -> AttackConfig:
+        """Check every value and fill in the defaults."""
+        name = self.name.lower().replace("-", "").replace("_", "")
+        if name not in ATTACKS:
+            raise AttackError(f"unknown attack {self.name!r} (attacks: {', '.join(ATTACKS)})")
+        eps = float(self.eps)
+        if not (0.0 < eps <= 255.0) or math.isnan(eps):
+            raise AttackError(f"eps={self.eps:g}: must be in (0, 255] (units of 1/255)")
+        if self.eot < 1:
+            raise AttackError(f"eot={self.eot}: must be >= 1")
+        if name == "fgsm":
+            steps, step_size, random_start = 1, eps, False
+        elif name == "ifgsm":
+            # Kurakin et al. 2017: alpha = 1/255, min(eps + 4, 1.25 eps) iterations.
+            steps = self.steps or int(math.ceil(min(eps + 4, 1.25 * eps)))
+            step_size = self.step_size if self.step_size is not None else 1.0
+            random_start = bool(self.random_start)
+        else:  # pgd (Madry et al. 2018): random start, alpha = 2.5 eps / steps
+            steps = self.steps or 10
+            step_size = self.step_size if self.step_size is not None else 2.5 * eps / steps
+            random_start = True if self.random_start is None else self.random_start
+        if steps < 1:
+            raise AttackError(f"steps={steps}: must be >= 1")
+        if not step_size > 0:
+            raise AttackError(f"step size {step_size:g}: must be > 0")
+        return replace(
+            self,
+            name=name,
+            eps=eps,
+            steps=steps,
+            step_size=float(step_size),
+            random_start=random_start,
+        )
+
+    def describe(self) -> str:
+        """``FGSM eps=16``, ``PGD eps=8 10x2``: for tables and figures."""
+        c = self.resolved()
+        text = f"{c.name.upper().replace('IFGSM', 'I-FGSM')} eps={c.eps:g}"
+        if c.name != "fgsm":
+            text += f" {c.steps}x{c.step_size:g}"
+        if c.targeted:
+            text += " targeted"
+        return text
+
+    def as_dict(self) -> dict:
+        c = self.resolved()
+        return {
+            "attack": c.name,
+            "eps": c.eps,
+            "steps": c.steps,
+            "step_size": c.step_size,
+            "random_start": c.random_start,
+            "targeted": c.targeted,
+            "eot": c.eot,
+        }
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Round to 8-bit levels: what a PNG stores, so in-memory and on-disk results agree."""
+    return images.clamp(0, 1).mul(255).round().div(255)
+
+
+def through_purifier(
+    purifier: Purifier, images: torch.Tensor, seeds: Sequence[int]
+) -> torch.Tensor:
+    """``purifier(images)`` with a gradient: the true one, or BPDA's identity."""
+    if purifier.differentiable:
+        return purifier(images, seeds)
+    with torch.no_grad():
+        purified = purifier(images.detach(), seeds)
+    # Forward: the purified image. Backward: d purified / d images = identity.
+    return images + (purified - images).detach()
+
+
+def eot_seeds(seeds: Sequence[int], step: int, draw: int) -> list[int]:
+    """The attacker's own randomness per step and draw, never the defence's test-time seeds."""
+    return [image_seed(int(seed), f"attack-eot/{step}/{draw}") for seed in seeds]
+
+
+def loss_gradient(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    targeted: bool = False,
+    purifier: Purifier | None = None,
+    seeds: Sequence[int] | None = None,
+    eot: int = 1,
+    step: int = 0,
+) -> torch.Tensor:
+    """Gradient of the attacker's objective (to ascend) w.r.t. ``images``, averaged over EOT.
+
+    Untargeted: cross-entropy of the true label; targeted: minus cross-entropy of the target.
+    """
+    seeds = list(range(images.shape[0])) if seeds is None else list(seeds)
+    draws = eot if (purifier is not None and purifier.stochastic) else 1
+    total = torch.zeros_like(images)
+    for draw in range(draws):
+        x = images.detach().clone().requires_grad_(True)
+        z = x if purifier is None else through_purifier(purifier, x, eot_seeds(seeds, step, draw))
+        loss = F.cross_entropy(model(z), labels, reduction="sum")
+        if targeted:
+            loss = -loss
+        (grad,) = torch.autograd.grad(loss, x)
+        total += grad
+    return total / draws
+
+
+def attack(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: AttackConfig,
+    *,
+    purifier: Purifier | None = None,
+    seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Adversarial versions of ``images`` (same device), quantized to 8-bit levels.
+
+    ``labels``: true classes (untargeted) or target classes (``config.targeted``). ``model`` maps
+    ``[0, 1]`` images to logits and must live on the images' device. ``purifier``: attack
+    ``model(purifier(x))`` with BPDA/EOT. ``seeds``: one per image (random start, EOT draws).
+    """
+    c = config.resolved()
+    labels = labels.to(images.device, torch.long)
+    seeds = list(range(images.shape[0])) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != images.shape[0] or labels.shape[0] != images.shape[0]:
+        raise ValueError("one label and one seed per image")
+    eps, alpha = c.eps / 255.0, c.step_size / 255.0
+    clean = images.detach()
+    x = clean.clone()
+    if c.random_start:
+        noise = torch.stack(
+            [
+                torch.rand(clean.shape[1:], generator=gen) * 2 - 1
+                for gen in generators(
+                    [image_seed(s, "attack-start") for s in seeds], torch.device("cpu")
+                )
+            ]
+        ).to(clean.device)
+        x = (clean + eps * noise).clamp(0, 1)
+    for step in range(c.steps):
+        grad = loss_gradient(
+            model,
+            x,
+            labels,
+            targeted=c.targeted,
+            purifier=purifier,
+            seeds=seeds,
+            eot=c.eot,
+            step=step,
+        )
+        x = x.detach() + alpha * grad.sign()
+        x = torch.min(torch.max(x, clean - eps), clean + eps).clamp(0, 1)
+    return quantize(x).detach()
+
+
+def attack_in_batches(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: AttackConfig,
+    *,
+    batch_size: int = 16,
+    purifier: Purifier | None = None,
+    seeds: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+    progress=None,
+) -> torch.Tensor:
+    """:func:`attack` over a large CPU batch in chunks on ``device``; returns CPU tensors.
+
+    ``progress``: optional callable given the number of images finished after each chunk.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    seeds = list(range(images.shape[0])) if seeds is None else list(seeds)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        stop = start + batch_size
+        adv = attack(
+            model,
+            images[start:stop].to(device),
+            labels[start:stop],
+            config,
+            purifier=purifier,
+            seeds=seeds[start:stop],
+        )
+        out.append(adv.cpu())
+        if progress is not None:
+            progress(min(stop, images.shape[0]))
+    return torch.cat(out) if out else images.clone()

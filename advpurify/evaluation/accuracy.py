@@ -1,0 +1,186 @@
+"""Top-k accuracy from logits, and the per-folder evaluation behind ``advpurify eval``."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from advpurify.evaluation.dataset import Failure, load_dataset
+from advpurify.evaluation.labels import SOURCE_CLEAN, LabelError, resolve_labels
+from advpurify.models.classifiers import LoadedClassifier
+from advpurify.models.imagenet import class_name, wnids
+
+TOP_K = (1, 3, 5)
+
+
+def topk_predictions(logits: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """``N x k`` class indices, best first."""
+    return logits.topk(min(k, logits.shape[1]), dim=1).indices
+
+
+def topk_hits(predictions: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per image: is the label among the first ``k`` predictions (bool, length N)."""
+    return (predictions[:, :k] == labels.view(-1, 1)).any(dim=1)
+
+
+def topk_accuracy(
+    logits_or_predictions: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = TOP_K
+) -> dict[str, float]:
+    """``{"top1": fraction, "top3": ..., "top5": ...}``; accepts logits or top-k predictions."""
+    preds = logits_or_predictions
+    if preds.is_floating_point():
+        preds = topk_predictions(preds, max(ks))
+    n = labels.shape[0]
+    return {
+        f"top{k}": (float(topk_hits(preds, labels, k).float().mean()) if n else float("nan"))
+        for k in ks
+    }
+
+
+def check_num_classes(logits: torch.Tensor, classifier_name: str) -> None:
+    from advpurify.models.classifiers import NUM_CLASSES, ClassifierError
+
+    if logits.shape[1] != NUM_CLASSES:
+        raise ClassifierError(
+            f"classifier {classifier_name} predicts {logits.shape[1]} classes, not ImageNet's "
+            f"{NUM_CLASSES}; labels cannot be compared"
+        )
+
+
+@dataclass
+class FolderEvaluation:
+    """The result of :func:`evaluate_folder`: summary numbers and one record per image."""
+
+    root: Path
+    classifier: str
+    label_source: str
+    metrics: dict[str, float]
+    paths: list[Path]
+    labels: list[int]
+    predictions: torch.Tensor  # N x 5
+    failures: list[Failure] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.paths)
+
+    def summary(self) -> dict:
+        return {
+            "n": self.n,
+            **self.metrics,
+            "label_source": self.label_source,
+            "classifier": self.classifier,
+            "data": str(self.root),
+            "failed": [f.as_dict() for f in self.failures],
+        }
+
+    def write_json(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+
+    def write_csv(self, path: Path) -> None:
+        """One row per image: path, label, top-5 predictions, hit at 1/3/5."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        labels = torch.tensor(self.labels)
+        hits = {k: topk_hits(self.predictions, labels, k) for k in TOP_K}
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(
+                [
+                    "path",
+                    "label",
+                    "label_wnid",
+                    "label_name",
+                    "top5",
+                    "top1_name",
+                    "correct_top1",
+                    "correct_top3",
+                    "correct_top5",
+                ]
+            )
+            for i, image_path in enumerate(self.paths):
+                preds = [int(p) for p in self.predictions[i]]
+                writer.writerow(
+                    [
+                        _relative(image_path, self.root),
+                        self.labels[i],
+                        wnids()[self.labels[i]],
+                        class_name(self.labels[i]),
+                        " ".join(map(str, preds)),
+                        class_name(preds[0]),
+                        *(int(hits[k][i]) for k in TOP_K),
+                    ]
+                )
+
+
+def evaluate_folder(
+    root: Path,
+    classifier: LoadedClassifier,
+    labels_csv: Path | None = None,
+    batch_size: int = 32,
+    reference: Path | None = None,
+) -> FolderEvaluation:
+    """Top-1/3/5 of ``classifier`` on every image under ``root`` (a folder or one file).
+
+    Labels come from the CSV or the paths; when neither has them, ``reference`` (the folder of
+    the original images, same relative paths, any extension) supplies pseudo-labels: the
+    classifier's prediction on each original ("agreement with clean prediction").
+    """
+    root = Path(root)
+    data = load_dataset(root, classifier.prepare, classifier.input_size)
+    labels = resolve_labels(data.paths, data.root, labels_csv)
+    logits = classifier.logits(data.float_images(), batch_size=batch_size)
+    check_num_classes(logits, classifier.name)
+    predictions = topk_predictions(logits, 5)
+    if labels.source == SOURCE_CLEAN:
+        if reference is None:
+            raise LabelError(
+                f"{root}: no labels (no WordNet id in the file or folder names); give "
+                f"--labels FILE.csv, or --reference DIR with the original images to measure "
+                f"agreement with their clean predictions"
+            )
+        indices = reference_predictions(data.keys(), Path(reference), classifier, batch_size)
+    else:
+        indices = [int(i) for i in labels.indices]
+    metrics = topk_accuracy(predictions, torch.tensor(indices))
+    return FolderEvaluation(
+        root=data.root,
+        classifier=classifier.name,
+        label_source=labels.source,
+        metrics=metrics,
+        paths=data.paths,
+        labels=indices,
+        predictions=predictions,
+        failures=data.failures,
+    )
+
+
+def reference_predictions(
+    keys: Sequence[str], reference: Path, classifier: LoadedClassifier, batch_size: int = 32
+) -> list[int]:
+    """The classifier's top-1 on the reference image of each key (matched without extension)."""
+    ref = load_dataset(reference, classifier.prepare, classifier.input_size)
+    by_stem = {_stem(key): i for i, key in enumerate(ref.keys())}
+    order = []
+    for key in keys:
+        if _stem(key) not in by_stem:
+            raise LabelError(f"reference {reference}: no image for {key}")
+        order.append(by_stem[_stem(key)])
+    logits = classifier.logits(ref.float_images(order), batch_size=batch_size)
+    return [int(i) for i in logits.argmax(dim=1)]
+
+
+def _stem(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.name

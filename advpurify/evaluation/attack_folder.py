@@ -1,0 +1,122 @@
+"""``advpurify attack``: attack every image of a folder and write the adversarial images.
+
+Each image is resized and centre-cropped to the classifier's input (256 -> 224), attacked, and
+written under the output folder at the same relative path (PNG by default), with a
+``manifest.jsonl`` line per image: label, clean and adversarial predictions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from advpurify.attacks import AttackConfig, attack
+from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk_predictions
+from advpurify.evaluation.dataset import load_dataset
+from advpurify.evaluation.labels import SOURCE_CLEAN, parse_label, resolve_labels
+from advpurify.images import OUTPUT_FORMATS, atomic_write_bytes, save_image
+from advpurify.models.classifiers import LoadedClassifier
+from advpurify.models.imagenet import class_name
+from advpurify.purifiers.base import image_seed
+
+JPEG_WARNING = (
+    "writing adversarial images as JPEG: JPEG compression is itself a purification (it removes "
+    "much of the perturbation), so every accuracy measured on these files will be too high; "
+    "use PNG (the default) for experiments"
+)
+
+
+def attack_folder(
+    source: Path,
+    out: Path,
+    classifier: LoadedClassifier,
+    config: AttackConfig,
+    *,
+    fmt: str = "png",
+    labels_csv: Path | None = None,
+    target: str | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    log: Callable[[str], None] = lambda message: None,
+) -> dict[str, Any]:
+    """Attack every image under ``source`` (a folder or one file); returns a summary."""
+    if fmt not in OUTPUT_FORMATS:
+        from advpurify.errors import AdvpurifyError
+
+        raise AdvpurifyError(f"format {fmt!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+    config = config.resolved()
+    out = Path(out)
+    data = load_dataset(source, classifier.prepare, classifier.input_size)
+    for failure in data.failures:
+        log(f"skipped {failure.path}: {failure.reason}")
+    keys = data.keys()
+    clean_logits = classifier.logits(data.float_images(), batch_size=batch_size)
+    check_num_classes(clean_logits, classifier.name)
+    clean_preds = topk_predictions(clean_logits, 5)
+    resolved = resolve_labels(data.paths, data.root, labels_csv)
+    if resolved.source == SOURCE_CLEAN:
+        labels = clean_preds[:, 0].clone()
+    else:
+        labels = torch.tensor([int(i) for i in resolved.indices])
+
+    if target is not None:
+        goal = torch.full_like(labels, parse_label(target, "--target"))
+        config = replace(config, targeted=True)
+    else:
+        goal = labels
+    seeds = [image_seed(seed, key) for key in keys]
+    model = classifier.module
+    device = classifier.device
+    adversarial = []
+    for start in range(0, len(keys), batch_size):
+        stop = min(start + batch_size, len(keys))
+        images = data.float_images(range(start, stop)).to(device)
+        adversarial.append(
+            attack(model, images, goal[start:stop], config, seeds=seeds[start:stop]).cpu()
+        )
+        log(f"attacked {stop}/{len(keys)}")
+    adv = torch.cat(adversarial)
+    adv_preds = topk_predictions(classifier.logits(adv, batch_size=batch_size), 5)
+
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, key in enumerate(keys):
+        target_path = out / Path(key).with_suffix(OUTPUT_FORMATS[fmt])
+        save_image(adv[i], target_path, fmt=fmt)
+        record = {
+            "input": str(data.paths[i]),
+            "output": str(target_path),
+            "status": "done",
+            "label": int(labels[i]),
+            "label_name": class_name(int(labels[i])),
+            "clean_pred": int(clean_preds[i, 0]),
+            "clean_pred_name": class_name(int(clean_preds[i, 0])),
+            "adv_pred": int(adv_preds[i, 0]),
+            "adv_pred_name": class_name(int(adv_preds[i, 0])),
+        }
+        if target is not None:
+            record["target"] = int(goal[i])
+        records.append(record)
+    records += [
+        {"input": str(f.path), "status": "failed", "reason": f.reason} for f in data.failures
+    ]
+    manifest = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write_bytes(out / "manifest.jsonl", manifest.encode())
+
+    summary: dict[str, Any] = {
+        "n": len(keys),
+        "failed": len(data.failures),
+        "label_source": resolved.source,
+        "attack": config.as_dict(),
+        "clean": topk_accuracy(clean_preds, labels),
+        "adversarial": topk_accuracy(adv_preds, labels),
+        "output": str(out),
+    }
+    if target is not None:
+        summary["target_success"] = float((adv_preds[:, 0] == goal).float().mean())
+    return summary

@@ -1,0 +1,133 @@
+"""Where an image's true class comes from: its path, a CSV, or (failing both) nothing.
+
+- A WordNet id at the start of the file name (``n01440764_tench.JPEG``) or as a parent folder
+  name below the data root (``val/n01440764/x.jpg``, the ImageNet layout).
+- A CSV (``--labels``): ``path,label`` per line, label a class index (0-999) or a WordNet id;
+  path relative to the data root (or just the file name when that is unambiguous). A header
+  line is allowed.
+- Neither: the caller uses the classifier's clean prediction as a pseudo-label and reports
+  "agreement with clean prediction" rather than accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from advpurify.errors import AdvpurifyError
+from advpurify.models.imagenet import NUM_CLASSES, WNID_PATTERN, wnid_to_index
+
+SOURCE_PATH = "path"
+SOURCE_CSV = "csv"
+SOURCE_CLEAN = "clean-prediction"
+
+
+class LabelError(AdvpurifyError, ValueError):
+    """A label file that cannot be read, or a label outside the 1000 ImageNet classes."""
+
+
+def parse_label(value: str, where: str) -> int:
+    """A class index ``0..999`` or a WordNet id -> class index."""
+    text = value.strip()
+    if WNID_PATTERN.fullmatch(text):
+        index = wnid_to_index().get(text)
+        if index is None:
+            raise LabelError(f"{where}: WordNet id {text} is not one of the 1000 ImageNet classes")
+        return index
+    try:
+        index = int(text)
+    except ValueError:
+        raise LabelError(
+            f"{where}: label {text!r} is neither a class index nor a WordNet id"
+        ) from None
+    if not 0 <= index < NUM_CLASSES:
+        raise LabelError(f"{where}: class index {index} is outside 0..{NUM_CLASSES - 1}")
+    return index
+
+
+def label_from_path(path: Path, root: Path | None = None) -> int | None:
+    """The class named by a WordNet id leading the file name or naming a parent folder."""
+    match = WNID_PATTERN.match(path.name)
+    if match and match.group(0) in wnid_to_index():
+        return wnid_to_index()[match.group(0)]
+    parents = path.parent.relative_to(root).parts if root is not None else path.parent.parts
+    for part in reversed(parents):
+        if WNID_PATTERN.fullmatch(part) and part in wnid_to_index():
+            return wnid_to_index()[part]
+    return None
+
+
+def read_labels_csv(csv_path: Path) -> dict[str, int]:
+    """``{path as written: class index}`` from a two-column CSV."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise LabelError(f"labels file {csv_path}: not found")
+    labels: dict[str, int] = {}
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        for line_no, row in enumerate(csv.reader(handle), start=1):
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            if len(row) < 2:
+                raise LabelError(f"labels file {csv_path}, line {line_no}: expected path,label")
+            path, value = row[0].strip(), row[1].strip()
+            if line_no == 1 and not value.isdigit() and not WNID_PATTERN.fullmatch(value):
+                continue  # a header line
+            labels[path] = parse_label(value, f"labels file {csv_path}, line {line_no}")
+    if not labels:
+        raise LabelError(f"labels file {csv_path}: no labels in it")
+    return labels
+
+
+@dataclass(frozen=True)
+class Labels:
+    """One class index per image (``None`` where unknown) and where they came from."""
+
+    indices: list[int | None]
+    source: str  # path | csv | clean-prediction (labels still to be filled by the caller)
+
+    @property
+    def is_pseudo(self) -> bool:
+        return self.source == SOURCE_CLEAN
+
+
+def resolve_labels(paths: Sequence[Path], root: Path, labels_csv: Path | None = None) -> Labels:
+    """Labels for ``paths`` (all below ``root``): from the CSV, else from the paths, else none.
+
+    Returns ``source == "clean-prediction"`` with all indices ``None`` when no image carries a
+    label; the caller fills them with the clean predictions.
+    """
+    root = Path(root)
+    if labels_csv is not None:
+        table = read_labels_csv(Path(labels_csv))
+        by_name: dict[str, list[int]] = {}
+        for key, index in table.items():
+            by_name.setdefault(Path(key).name, []).append(index)
+        indices: list[int | None] = []
+        for path in paths:
+            rel = _relative(path, root)
+            index = table.get(rel, table.get(str(path)))
+            if index is None and len(by_name.get(path.name, [])) == 1:
+                index = by_name[path.name][0]
+            if index is None:
+                raise LabelError(f"labels file {labels_csv}: no label for {rel}")
+            indices.append(index)
+        return Labels(indices, SOURCE_CSV)
+    found = [label_from_path(path, root) for path in paths]
+    missing = [path for path, index in zip(paths, found, strict=True) if index is None]
+    if not missing:
+        return Labels(found, SOURCE_PATH)
+    if len(missing) == len(paths):
+        return Labels([None] * len(paths), SOURCE_CLEAN)
+    raise LabelError(
+        f"{len(missing)} of {len(paths)} images have no WordNet id in their name or folder "
+        f"(first: {_relative(missing[0], root)}); give --labels FILE.csv"
+    )
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()

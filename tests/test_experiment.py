@@ -1,0 +1,264 @@
+"""The ``attack``, ``eval`` and ``experiment`` commands end to end, and their bad-input errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from advpurify.cli import app
+from advpurify.images import load_image, save_image
+
+runner = CliRunner()
+LITE0 = ["--classifier", "efficientnet-lite0", "--device", "cpu"]
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _link_samples(sample_paths: list[Path], folder: Path, count: int) -> list[Path]:
+    """A small data folder (symlinks to the read-only sample images)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    links = []
+    for path in sample_paths[:count]:
+        link = folder / path.name
+        link.symlink_to(path)
+        links.append(link)
+    return links
+
+
+@pytest.fixture
+def photo_dir(tmp_path: Path) -> Path:
+    """Photos without labels (scikit-image's built-in samples) and one broken file."""
+    import skimage.data
+
+    folder = tmp_path / "photos"
+    for name in ("astronaut", "coffee", "chelsea"):
+        image = torch.from_numpy(getattr(skimage.data, name)()).permute(2, 0, 1) / 255.0
+        save_image(image.float(), folder / f"{name}.png")
+    (folder / "broken.jpg").write_bytes(b"not an image at all")
+    return folder
+
+
+def test_experiment_writes_the_table_resumes_and_refuses_other_settings(tmp_path, sample_paths):
+    data = tmp_path / "data"
+    _link_samples(sample_paths, data, 4)
+    out = tmp_path / "report"
+    args = [
+        "experiment",
+        "--data",
+        data,
+        *LITE0,
+        "--attack",
+        "fgsm",
+        "--eps",
+        "16",
+        "--methods",
+        "rescale,jpeg",
+        "--param",
+        "jpeg.quality=60",
+        "--adaptive",
+        "--adaptive-n",
+        "2",
+        "--adaptive-steps",
+        "1",
+        "--eot",
+        "1",
+        "--grid",
+        "2",
+        "-o",
+        out,
+    ]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "| Image Type | Top-1 | Top-3 |" in result.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    types = [row["image_type"] for row in report["rows"]]
+    assert types == [
+        "Clean",
+        "Adversarial (FGSM eps=16)",
+        "rescale on adversarial",
+        "rescale on clean",
+        "jpeg on adversarial",
+        "jpeg on clean",
+    ]
+    assert report["n"] == 4 and report["label_source"] == "path"
+    assert report["methods"]["jpeg"]["quality"] == 60
+    for row in report["rows"]:
+        for key in ("top1", "top3", "top5"):
+            assert 0.0 <= row[key] <= 1.0
+        assert row["top1"] <= row["top3"] <= row["top5"]
+        if row["kind"] == "purified":
+            assert row["seconds_per_image"] > 0
+        if row["kind"] == "purified" and row["input"] == "adversarial":
+            assert 0.0 <= row["adaptive_top1"] <= row["adaptive_top3"] <= 1.0
+            assert row["adaptive_n"] == 2
+        if row["input"] == "clean":
+            assert "adaptive_top1" not in row
+    assert report["rows"][1]["top1"] <= report["rows"][0]["top1"]
+
+    markdown = (out / "report.md").read_text()
+    assert markdown.count("\n| ") >= 6 and "| Image Type | Top-1 | Top-3 | Top-5 |" in markdown
+    for figure in ("grid.png", "accuracy.png"):
+        assert (out / "figures" / figure).stat().st_size > 1000
+    adversarial = sorted((out / "adversarial" / "images").glob("*.png"))
+    assert len(adversarial) == 4 and load_image(adversarial[0]).shape == (3, 224, 224)
+    with (out / "predictions.csv").open() as handle:
+        assert len(list(csv.reader(handle))) == 5
+
+    # A rerun reuses every stage: no image is rewritten and the numbers are identical.
+    stored = sorted((out / "methods").rglob("*.png")) + adversarial
+    stamps = {p: p.stat().st_mtime_ns for p in stored}
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert "reusing 4/4" in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in stored} == stamps
+    rerun = json.loads((out / "report.json").read_text())
+    assert [r["top1"] for r in rerun["rows"]] == [r["top1"] for r in report["rows"]]
+
+    # Other settings into the same folder: refused, not mixed.
+    changed = invoke(*[a if a != "16" else "8" for a in args])
+    assert changed.exit_code == 1
+    assert "other settings" in changed.stderr and "--overwrite" in changed.stderr
+
+    # One more image in the folder: only that image is computed, the others are reused.
+    (data / sample_paths[4].name).symlink_to(sample_paths[4])
+    grown = invoke(*args)
+    assert grown.exit_code == 0, grown.output
+    assert "adversarial: reusing 4/5" in grown.stderr
+    assert {p: p.stat().st_mtime_ns for p in stored} == stamps
+    assert json.loads((out / "report.json").read_text())["n"] == 5
+
+
+def test_experiment_without_labels_reports_agreement(tmp_path, photo_dir):
+    out = tmp_path / "report"
+    result = invoke(
+        "experiment",
+        "--data",
+        photo_dir,
+        *LITE0,
+        "--methods",
+        "bitdepth",
+        "--eps",
+        "8",
+        "-o",
+        out,
+        "--grid",
+        "1",
+    )
+    assert result.exit_code == 1  # the broken file is reported, like purify-batch
+    assert "broken.jpg" in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["label_source"] == "clean-prediction" and report["n"] == 3
+    assert report["rows"][0]["top1"] == 1.0
+    assert [f["path"].endswith("broken.jpg") for f in report["failed"]] == [True]
+    assert "agreement with the clean prediction" in (out / "report.md").read_text()
+
+
+def test_attack_then_eval(tmp_path, sample_paths):
+    data = tmp_path / "in"
+    _link_samples(sample_paths, data / "sub", 2)
+    out = tmp_path / "adv"
+    result = invoke("attack", data, "-o", out, *LITE0, "--attack", "fgsm", "--eps", "16")
+    assert result.exit_code == 0, result.output
+    written = sorted(out.rglob("*.png"))
+    assert [p.relative_to(out).parent.as_posix() for p in written] == ["sub", "sub"]
+    assert load_image(written[0]).shape == (3, 224, 224)
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for record in records:
+        assert {"label", "clean_pred", "adv_pred", "label_name", "output"} <= set(record)
+        assert record["status"] == "done"
+
+    summary = tmp_path / "eval.json"
+    per_image = tmp_path / "eval.csv"
+    result = invoke("eval", out, *LITE0, "--json", summary, "--csv", per_image)
+    assert result.exit_code == 0, result.output
+    numbers = json.loads(summary.read_text())
+    assert numbers["n"] == 2 and numbers["label_source"] == "path"
+    assert 0.0 <= numbers["top1"] <= numbers["top3"] <= numbers["top5"] <= 1.0
+    adv_hits = sum(r["adv_pred"] == r["label"] for r in records)
+    assert numbers["top1"] == adv_hits / 2  # eval agrees with the attack's own manifest
+    with per_image.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and rows[0]["label_wnid"].startswith("n")
+
+
+def test_attack_warns_about_jpeg_and_eval_needs_labels_or_reference(tmp_path, photo_dir):
+    (photo_dir / "broken.jpg").unlink()
+    out = tmp_path / "adv"
+    result = invoke("attack", photo_dir, "-o", out, *LITE0, "--eps", "4", "--format", "jpg")
+    assert result.exit_code == 0, result.output
+    assert "JPEG compression is itself a purification" in result.stderr
+    assert len(list(out.glob("*.jpg"))) == 3
+
+    result = invoke("eval", out, *LITE0)
+    assert result.exit_code == 1 and "--reference" in result.stderr
+    summary = tmp_path / "eval.json"
+    result = invoke("eval", out, *LITE0, "--reference", photo_dir, "--json", summary)
+    assert result.exit_code == 0, result.output
+    assert json.loads(summary.read_text())["label_source"] == "clean-prediction"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "{data}", "--classifier", "no-such-net"], "unknown classifier"),
+        (["attack", "{data}", "-o", "{tmp}/o", "--attack", "deepfool", *LITE0], "unknown attack"),
+        (["attack", "{data}", "-o", "{tmp}/o", "--eps", "0", *LITE0], "eps=0"),
+        (["experiment", "--data", "{data}", "-o", "{tmp}/o", "--eps", "300", *LITE0], "eps=300"),
+        (["experiment", "--data", "{tmp}/empty", "-o", "{tmp}/o", *LITE0], "no images found"),
+        (
+            ["experiment", "--data", "{data}", "-o", "{tmp}/o", "--methods", "nope", *LITE0],
+            "unknown method",
+        ),
+        (["eval", "{data}", "--labels", "{tmp}/labels.csv", *LITE0], "outside 0..999"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(tmp_path, sample_paths, args, message):
+    data = tmp_path / "data"
+    _link_samples(sample_paths, data, 1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "labels.csv").write_text(f"{sample_paths[0].name},1000\n")
+    filled = [a.format(data=data, tmp=tmp_path) for a in args]
+    result = invoke(*filled)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0]
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    assert "Traceback" not in result.output
+
+
+def test_console_script_exit_code(tmp_path, sample_paths):
+    """The real process: one line on stderr, exit status 1."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from advpurify.cli import main; main()",
+            "attack",
+            str(sample_paths[0]),
+            "-o",
+            str(tmp_path / "o"),
+            "--eps",
+            "256",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert process.returncode == 1
+    assert process.stderr.strip().splitlines() == [
+        "error: eps=256: must be in (0, 255] (units of 1/255)"
+    ]
