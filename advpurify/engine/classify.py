@@ -2,12 +2,13 @@
 
 Reader threads decode and preprocess (resize the shorter side, centre crop) while the calling
 thread runs the backend on the previous batch; Pillow's decoder and resampler release the GIL,
-so on a CPU both proceed at once. Decoding works on 8-bit data and, for large JPEGs, lets
-libjpeg downscale in the DCT domain (``draft``): far less work than decoding to full-size float
-and resizing in torch. Files that are not plain 8-bit RGB/grey JPEGs or PNGs without EXIF rotation
-(CMYK, 16-bit, alpha, rotated) take the exact path, ``advpurify.images.load_image`` plus the
-classifier's own torch preprocessing. Memory stays bounded: at most ``prefetch`` batches of
-decoded images exist at once.
+so on a CPU both proceed at once. Decoding and the antialiased resize work on 8-bit data in
+Pillow: far less work than decoding to full-size float and resizing in torch, and the same
+antialiased bilinear/bicubic filter. An image that already has the crop size (attacked 224x224
+crops) is used as is, as the classifier itself does. Files that are not plain 8-bit RGB/grey
+JPEGs or PNGs without EXIF rotation (CMYK, 16-bit, alpha, rotated) take the exact path,
+``advpurify.images.load_image`` plus the classifier's own torch preprocessing. Memory stays
+bounded: at most ``prefetch`` batches of decoded images exist at once.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class Preprocess:
         return cls(int(p.resize_size), int(p.crop_size), str(p.interpolation))
 
     def sizes(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """(resized height, resized width, top, left), as ``resize_center_crop`` computes them."""
+        """(resized height, resized width, top, left), as ``Classifier.prepare`` computes them."""
+        if (height, width) == (self.crop_size, self.crop_size):
+            return height, width, 0, 0  # already a crop: used as is
         if height <= width:
             new_h, new_w = self.resize_size, int(self.resize_size * width / height)
         else:
@@ -67,12 +70,11 @@ class Preprocess:
                     return None
                 width, height = img.size
                 new_h, new_w, top, left = self.sizes(height, width)
-                if img.format == "JPEG":
-                    img.draft("RGB", (new_w, new_h))  # DCT-domain downscale, never below target
                 img = img.convert("RGB")
                 if img.size != (new_w, new_h):
-                    img = img.resize((new_w, new_h), _RESAMPLE[self.interpolation],
-                                     reducing_gap=None)
+                    img = img.resize(
+                        (new_w, new_h), _RESAMPLE[self.interpolation], reducing_gap=None
+                    )
                 img = img.crop((left, top, left + self.crop_size, top + self.crop_size))
                 array = np.asarray(img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
