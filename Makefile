@@ -14,9 +14,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on built-in sample photographs (shipped inside scikit-image): no network.
+# The main job on built-in sample photographs (shipped in scikit-image and matplotlib): no
+# network. Then the whole experiment on them (pseudo-labels: agreement with clean predictions).
 demo: $(STAMP)
-	$(BIN)/python -m advpurify.demo demo-output
+	$(BIN)/advpurify samples demo-output/photos
+	$(BIN)/purify-batch demo-output/photos --method rescale -o demo-output/purified-rescale
+	$(BIN)/advpurify experiment --data demo-output/photos --classifier efficientnet-lite0 \
+		--attack fgsm --eps 16 --methods rescale,jpeg,bitdepth,median,tvm,randpad \
+		--adaptive --adaptive-n 4 --adaptive-steps 5 --eot 2 -o demo-output/experiment
+	cat demo-output/experiment/report.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
