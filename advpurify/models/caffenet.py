@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advpurify.models.caffe_build import build_caffe_model
 from advpurify.models.caffe_pixels import mean_bgr, rgb01_to_caffe
 from advpurify.weights.convert import checked_state, parameter_shapes
-from advpurify.weights.registry import WeightsError
 
 INPUT_SIZE = 227
 FEATURES = 4096
@@ -75,30 +75,6 @@ def convert_weights(path: Path) -> dict[str, torch.Tensor]:
 def build_encoder(weights: str | Path | None = None, seed: int = 0) -> CaffeNetFc6:
     """E with ``weights``: None = the cached ``caffenet-fc6``, ``"random"`` = seeded random
     weights of the true shapes, else a weight file."""
-    if weights == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = CaffeNetFc6()
-        # PyTorch's default init shrinks activations layer by layer; this gain keeps them at a
-        # realistic magnitude (fc6 codes ~15 on average), so benchmarks, exports and
-        # parity checks with random weights see realistic numbers.
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("weight"):
-                    param.mul_(RANDOM_GAIN)
-        return model.eval()
-    if weights is None:
-        from advpurify.weights import load_state_dict
-
-        state = load_state_dict("caffenet-fc6")
-        expected = expected_shapes()
-        bad = [k for k, s in expected.items() if k not in state or tuple(state[k].shape) != s]
-        if bad:
-            raise WeightsError(f"cached caffenet-fc6 does not match the encoder ({bad[:3]})")
-    else:
-        state = convert_weights(Path(weights))
-    with torch.device("meta"):
-        model = CaffeNetFc6()
-    model.load_state_dict(state, strict=False, assign=True)
-    model.mean = mean_bgr()
-    return model.eval()
+    return build_caffe_model(
+        CaffeNetFc6, "caffenet-fc6", weights, seed, RANDOM_GAIN, expected_shapes(), convert_weights
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from advpurify.models.caffe_build import build_caffe_model
 from advpurify.models.caffe_pixels import caffe_to_rgb01, mean_bgr
 from advpurify.weights.convert import checked_state, parameter_shapes
 
@@ -94,38 +95,13 @@ def convert_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def build_generator(weights: str | Path | None = None, seed: int = 0) -> DeePSiMGenerator:
     """G with ``weights``: None = the cached ``deepsim-fc6``, ``"random"`` = seeded random
-    weights of the true shapes (tests, benchmarks), else a weight file."""
-    if weights == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = DeePSiMGenerator()
-        # PyTorch's default init shrinks activations layer by layer; this gain keeps them at a
-        # realistic magnitude (output std ~12 on the 0..255 scale), so benchmarks,
-        # exports and parity checks with random weights see realistic numbers.
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name.endswith("weight"):
-                    param.mul_(RANDOM_GAIN)
-        return model.eval()
-    if weights is None:
-        from advpurify.weights import load_state_dict
-
-        state = load_state_dict("deepsim-fc6")
-        state = checked_state_dict(state)
-    else:
-        state = convert_weights(Path(weights))
-    with torch.device("meta"):
-        model = DeePSiMGenerator()
-    model.load_state_dict(state, strict=False, assign=True)
-    model.mean = mean_bgr()
-    return model.eval()
-
-
-def checked_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from advpurify.weights.registry import WeightsError
-
-    expected = expected_shapes()
-    bad = [k for k, s in expected.items() if k not in state or tuple(state[k].shape) != s]
-    if bad:
-        raise WeightsError(f"cached deepsim-fc6 does not match the generator ({bad[:3]})")
-    return state
+    weights of the true shapes, else a weight file."""
+    return build_caffe_model(
+        DeePSiMGenerator,
+        "deepsim-fc6",
+        weights,
+        seed,
+        RANDOM_GAIN,
+        expected_shapes(),
+        convert_weights,
+    )
