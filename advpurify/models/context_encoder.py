@@ -218,7 +218,13 @@ def load_generator(spec: str, device: str | torch.device = "cpu") -> Generator:
 
         if spec != MODEL_NAME and spec not in _known_models():
             raise WeightsError(f"weights {spec!r}: neither a file nor a known model ({MODEL_NAME})")
-        state = cache.load_state_dict(spec)
+        try:
+            state = cache.load_state_dict(spec)
+        except cache.WeightsNotFound as error:
+            raise cache.WeightsNotFound(
+                f"{error}, or train a generator (`advpurify train context-encoder --data DIR "
+                f"-o ce.pt`) and pass -p weights=ce.pt"
+            ) from None
     try:
         generator = generator_from_state_dict(state)
     except (ValueError, RuntimeError) as error:

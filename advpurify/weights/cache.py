@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from advpurify.paths import cache_home
-from advpurify.weights.registry import WeightsError, group_of
+from advpurify.weights.registry import WeightsError, group_of, sources_for
 
 
 class WeightsNotFound(WeightsError):
@@ -45,6 +45,12 @@ def is_cached(model: str) -> bool:
 
 def not_found_message(model: str) -> str:
     fetch_name = group_of(model) or model
+    if not any(source.url for source in sources_for(model)):
+        # Nothing to download (a dead link): importing a file is the only way.
+        return (
+            f"weights {model} not found in {weights_dir()}: no download exists; run "
+            f"`advpurify weights import {model} FILE` with a copy of the file"
+        )
     return (
         f"weights {model} not found in {weights_dir()}: run `advpurify weights fetch "
         f"{fetch_name}` or `advpurify weights import {model} FILE`"
