@@ -1,0 +1,177 @@
+"""Deep Image Prior: shapes, determinism, batched == one by one, stopping rules, purification."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from advpurify.models.skipnet import SkipConfig, SkipNet, reflect_pad_slices, upsample2x
+from advpurify.purifiers import ParamError, create, method_class
+from advpurify.purifiers.dip import PRESETS, DipSettings, fit, pad_to_multiple
+
+# Small nets keep the file fast; the fitting code is the same at every size.
+TINY = {"channels": 8, "skip_channels": 2, "scales": 3, "input_depth": 8}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These nets are tiny: a second thread only adds synchronisation per op, which costs
+    # seconds per test on a busy machine. Restored afterwards for the other test files.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**overrides) -> DipSettings:
+    return DipSettings.from_preset("fast", **{**TINY, **overrides})
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(-10 * torch.log10((a - b).square().mean()))
+
+
+def test_registered_with_its_flags() -> None:
+    cls = method_class("dip")
+    assert cls.stochastic and not cls.differentiable
+    names = {p.name for p in cls.params}
+    assert names >= {"preset", "iterations", "channels", "lr", "reg_noise_std", "ema", "stop"}
+
+
+def test_paper_preset_and_overrides() -> None:
+    paper = create("dip", preset="paper").settings()
+    shape = (paper.channels, paper.skip_channels, paper.scales, paper.input_depth)
+    assert shape == (128, 4, 5, 32)
+    assert (paper.iterations, paper.lr, paper.ema) == (3000, 0.01, 0.99)
+    assert paper.reg_noise_std == pytest.approx(1 / 30)
+    fast = create("dip").settings()
+    assert fast.iterations == PRESETS["fast"]["iterations"]
+    custom = create(
+        "dip", preset="paper", iterations="7", channels="16", lr="0.02", ema="0", stop="variance"
+    ).settings()
+    values = (custom.iterations, custom.channels, custom.lr, custom.ema, custom.stop)
+    assert values == (7, 16, 0.02, 0.0, "variance")
+    assert custom.skip_channels == 4  # untouched values still come from the preset
+    with pytest.raises(ParamError, match="preset"):
+        create("dip", preset="slow")
+    with pytest.raises(ParamError, match="ema"):
+        create("dip", ema="1.5")
+
+
+def test_skipnet_paper_shape() -> None:
+    net = SkipNet(SkipConfig(), n_nets=1, seeds=[0])
+    with torch.no_grad():
+        out = net(torch.rand(1, 32, 64, 64) * 0.1)
+    assert out.shape == (1, 3, 64, 64)
+    assert 0 < float(out.min()) and float(out.max()) < 1  # sigmoid output
+    with pytest.raises(ValueError, match="multiple of 32"):
+        net(torch.rand(1, 32, 48, 64))
+
+
+def test_networks_are_independent_and_seeded() -> None:
+    config = SkipConfig.uniform(3, 8, 2, 8)
+    batch = SkipNet(config, n_nets=3, seeds=[5, 6, 7])
+    single = SkipNet(config, n_nets=1, seeds=[6])
+    for (name, p_batch), p_single in zip(
+        batch.named_parameters(), single.parameters(), strict=True
+    ):
+        assert torch.equal(p_batch[1], p_single[0]), name
+    z = torch.rand(3, 8, 32, 32)
+    assert torch.equal(batch(z)[1:2], single(z[1:2]))
+    batch.set_grouped(True)  # the CUDA path (one grouped conv) computes the same function
+    assert torch.allclose(batch(z)[1:2], single(z[1:2]), atol=1e-5)
+
+
+def test_cuda_helpers_match_torch_ops() -> None:
+    # reflect_pad / upsample2x use slice-based versions on CUDA for deterministic backward.
+    x = torch.randn(2, 5, 8, 6)
+    for pad in (1, 3):
+        assert torch.equal(reflect_pad_slices(x, pad), F.pad(x, (pad,) * 4, mode="reflect"))
+    from advpurify.models.skipnet import _upsample_axis
+
+    manual = _upsample_axis(_upsample_axis(x, 2), 3)
+    assert torch.allclose(manual, upsample2x(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (37, 50), (5, 3), (1, 9)])
+def test_pad_to_multiple_any_size(size: tuple[int, int]) -> None:
+    images = torch.rand(2, 3, *size)
+    padded, (top, left, h, w) = pad_to_multiple(images, 32)
+    assert padded.shape[-2] % 32 == 0 and padded.shape[-1] % 32 == 0
+    assert torch.equal(padded[..., top : top + h, left : left + w], images)
+
+
+def test_purify_shapes_range_and_determinism(small_real_images: torch.Tensor) -> None:
+    images = F.interpolate(small_real_images[:3], size=(37, 50), mode="bilinear")
+    purifier = create("dip", iterations="5", **{k: str(v) for k, v in TINY.items()})
+    out = purifier(images, seeds=[1, 2, 3])
+    assert out.shape == images.shape and out.dtype == torch.float32
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    assert torch.equal(out, purifier(images, seeds=[1, 2, 3]))  # same seed, same output
+    assert not torch.equal(out[0], purifier(images, seeds=[9, 2, 3])[0])
+    tiny_image = images[:1, :, :1, :5]  # far smaller than the net's coarsest scale
+    assert purifier(tiny_image, seeds=[0]).shape == tiny_image.shape
+    # Callers (the experiment, the batch pipeline) purify under no_grad / inference_mode.
+    with torch.no_grad():
+        assert torch.equal(out, purifier(images, seeds=[1, 2, 3]))
+    with torch.inference_mode():
+        assert torch.equal(out, purifier(images, seeds=[1, 2, 3]))
+
+
+def test_batched_equals_one_by_one(small_real_images: torch.Tensor) -> None:
+    images = small_real_images[:3]
+    settings = tiny(iterations=25)
+    batched = fit(images, [10, 11, 12], settings).images
+    for i, seed in enumerate([10, 11, 12]):
+        alone = fit(images[i : i + 1], [seed], settings).images
+        assert torch.equal(batched[i : i + 1], alone)  # bit for bit, on the CPU
+    chunked = fit(images, [10, 11, 12], tiny(iterations=25, parallel=2)).images
+    assert torch.equal(chunked, batched)
+
+
+def test_variance_stop_per_image(small_real_images: torch.Tensor) -> None:
+    images = small_real_images[:3]
+    settings = tiny(iterations=300, stop="variance", window=10, patience=15)
+    last_step: dict[int, int] = {}
+
+    def hook(it: int, indices: list[int], *_: torch.Tensor) -> None:
+        last_step.update({i: it for i in indices})
+
+    result = fit(images, [1, 2, 3], settings, on_step=hook)
+    assert all(1 <= it < 300 for it in result.iterations)  # each image stopped on its own
+    # An image leaves the batch `patience` steps after its minimum, not when the last one ends.
+    assert [last_step[i] for i in range(3)] == [it + 15 for it in result.iterations]
+    alone = fit(images[2:3], [3], settings)
+    assert alone.iterations == result.iterations[2:]
+    assert torch.equal(alone.images, result.images[2:])
+
+
+def test_divergence_guard_restores(small_real_images: torch.Tensor) -> None:
+    images = small_real_images[:2]
+    wild = tiny(iterations=30, lr=0.5, ema=0.0)  # a step this large makes the fit jump
+    guarded = fit(images, [1, 2], wild)
+    assert sum(guarded.restores) > 0
+    unguarded = fit(images, [1, 2], tiny(iterations=30, lr=0.5, ema=0.0, guard_db=0.0))
+    assert sum(unguarded.restores) == 0
+    assert psnr(guarded.images, images) > psnr(unguarded.images, images)
+
+
+def test_purified_is_closer_to_clean(small_real_images: torch.Tensor) -> None:
+    clean = small_real_images
+    # An FGSM-like perturbation: +-16/255 on every pixel, the worst case of an eps=16 attack.
+    sign = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    adversarial = (clean + sign * 16 / 255).clamp(0, 1)
+    settings = DipSettings.from_preset("fast", channels=16, scales=4, iterations=150, ema=0.0)
+    out = fit(adversarial, [0, 1, 2, 3], settings).images
+    for i in range(clean.shape[0]):
+        assert psnr(out[i], clean[i]) > psnr(adversarial[i], clean[i]) + 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_deterministic_and_on_device(small_real_images: torch.Tensor) -> None:
+    images = small_real_images[:2].cuda()
+    purifier = create("dip", iterations="20", **{k: str(v) for k, v in TINY.items()})
+    out = purifier(images, seeds=[1, 2])
+    assert out.is_cuda and out.shape == images.shape
+    assert torch.equal(out, purifier(images, seeds=[1, 2]))
