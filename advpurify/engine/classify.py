@@ -70,12 +70,26 @@ class Preprocess:
                     return None
                 width, height = img.size
                 new_h, new_w, top, left = self.sizes(height, width)
-                img = img.convert("RGB")
+                if img.mode != "RGB":
+                    img = img.convert("RGB")
                 if img.size != (new_w, new_h):
-                    img = img.resize(
-                        (new_w, new_h), _RESAMPLE[self.interpolation], reducing_gap=None
+                    # Resample only the source region that lands in the crop: the same filter
+                    # and pixel grid as resizing everything and cropping, with less work.
+                    sx, sy = width / new_w, height / new_h
+                    box = (
+                        left * sx,
+                        top * sy,
+                        (left + self.crop_size) * sx,
+                        (top + self.crop_size) * sy,
                     )
-                img = img.crop((left, top, left + self.crop_size, top + self.crop_size))
+                    img = img.resize(
+                        (self.crop_size, self.crop_size),
+                        _RESAMPLE[self.interpolation],
+                        box=box,
+                        reducing_gap=None,
+                    )
+                else:
+                    img = img.crop((left, top, left + self.crop_size, top + self.crop_size))
                 array = np.asarray(img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             return None  # the exact path decodes again and names the problem
