@@ -43,26 +43,45 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from advpurify.engine.bench import bench, bench_eval
 
-    print(f"{args.model} ({args.weights} weights), {args.threads} threads, "
-          f"{os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f}, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
-    results = bench([args.model], ["torch", "ort-cpu"], [args.batch_size],
-                    weights=args.weights, warmup=2, iterations=args.iterations,
-                    threads=args.threads)
+    print(
+        f"{args.model} ({args.weights} weights), {args.threads} threads, "
+        f"{os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f}, "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}"
+    )
+    results = bench(
+        [args.model],
+        ["torch", "ort-cpu"],
+        [args.batch_size],
+        weights=args.weights,
+        warmup=2,
+        iterations=args.iterations,
+        threads=args.threads,
+    )
     speed = {r.backend: r for r in results}
     for r in results:
-        print(f"  {r.backend:8s} batch {r.batch_size}: {r.images_per_s:7.1f} img/s "
-              f"(p50 {r.p50_ms:.0f} ms, p95 {r.p95_ms:.0f} ms per batch)")
+        print(
+            f"  {r.backend:8s} batch {r.batch_size}: {r.images_per_s:7.1f} img/s "
+            f"(p50 {r.p50_ms:.0f} ms, p95 {r.p95_ms:.0f} ms per batch)"
+        )
     ratio = speed["ort-cpu"].images_per_s / speed["torch"].images_per_s
     print(f"ONNX Runtime CPU / torch eager at batch {args.batch_size}: {ratio:.2f}x")
     payload: dict = {"throughput": [r.to_json() for r in results], "ort_over_torch": ratio}
 
     if args.data is not None:
-        figure = bench_eval(args.data, args.model, "ort-cpu", batch_size=args.batch_size,
-                            workers=args.workers, weights=args.weights, threads=args.threads)
-        print(f"end-to-end over {figure.images} images of {args.data}: "
-              f"{figure.eval_images_per_s:.1f} img/s; raw ORT on the same batches "
-              f"{figure.raw_images_per_s:.1f} img/s; ratio {figure.ratio:.2f}")
+        figure = bench_eval(
+            args.data,
+            args.model,
+            "ort-cpu",
+            batch_size=args.batch_size,
+            workers=args.workers,
+            weights=args.weights,
+            threads=args.threads,
+        )
+        print(
+            f"end-to-end over {figure.images} images of {args.data}: "
+            f"{figure.eval_images_per_s:.1f} img/s; raw ORT on the same batches "
+            f"{figure.raw_images_per_s:.1f} img/s; ratio {figure.ratio:.2f}"
+        )
         payload["end_to_end"] = figure.to_json()
     if args.json:
         args.json.write_text(json.dumps(payload, indent=2) + "\n")

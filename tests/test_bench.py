@@ -51,10 +51,19 @@ def test_time_batches_excludes_warmup():
 
 def test_bench_every_combination():
     seen = []
-    results = bench(["test-bench-tiny"], ["torch", "ort-cpu"], [1, 3], iterations=3, warmup=1,
-                    on_result=seen.append)
+    results = bench(
+        ["test-bench-tiny"],
+        ["torch", "ort-cpu"],
+        [1, 3],
+        iterations=3,
+        warmup=1,
+        on_result=seen.append,
+    )
     assert [(r.backend, r.batch_size) for r in results] == [
-        ("torch", 1), ("torch", 3), ("ort-cpu", 1), ("ort-cpu", 3)
+        ("torch", 1),
+        ("torch", 3),
+        ("ort-cpu", 1),
+        ("ort-cpu", 3),
     ]
     assert seen == results
     for r in results:
@@ -66,10 +75,28 @@ def test_bench_every_combination():
 
 def test_cli_bench_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(app, ["bench", "--model", "test-bench-tiny", "--backend", "torch",
-                                      "--backend", "ort-cpu", "--batch-size", "2",
-                                      "--weights", "random", "--iterations", "2", "--warmup", "1",
-                                      "--json", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--model",
+            "test-bench-tiny",
+            "--backend",
+            "torch",
+            "--backend",
+            "ort-cpu",
+            "--batch-size",
+            "2",
+            "--weights",
+            "random",
+            "--iterations",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "img/s" in result.output and "ort-cpu" in result.output
     rows = json.loads(out.read_text())
@@ -80,8 +107,9 @@ def test_cli_bench_table_and_json(tmp_path):
 def test_cli_bench_gpu_backend_without_gpu_is_a_one_line_error():
     if torch.cuda.is_available():
         pytest.skip("checks the error of a machine without a GPU")
-    result = CliRunner().invoke(app, ["bench", "--model", "test-bench-tiny", "--backend",
-                                      "ort-cuda", "--iterations", "1"])
+    result = CliRunner().invoke(
+        app, ["bench", "--model", "test-bench-tiny", "--backend", "ort-cuda", "--iterations", "1"]
+    )
     assert result.exit_code == 1
     assert result.output.strip() == (
         "error: backend ort-cuda: no CUDA GPU is available (torch.cuda.is_available() is False)"

@@ -31,8 +31,12 @@ class Tiny(nn.Module):
         torch.manual_seed(seed)
         self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
         )
         self.fc = nn.Linear(16, classes)
 
@@ -96,8 +100,9 @@ def test_parity_on_all_100_sample_images(name, weights, sample_paths, tmp_path):
     assert inputs.shape == (100, 3, 224, 224)
     path = export_onnx(classifier, tmp_path / f"{name}.onnx", inputs[:2])
     check_model(path)
-    report = compare_with_torch(classifier, path, inputs, logits=True, batch_size=25,
-                                source="sample images")
+    report = compare_with_torch(
+        classifier, path, inputs, logits=True, batch_size=25, source="sample images"
+    )
     print(f"\n{name} ({weights or 'real'} weights): {report.summary()}")
     assert report.count == 100
     assert report.top1_agreement == 1.0, report.top1_disagreements
@@ -127,8 +132,9 @@ def test_dynamic_batch_and_metadata(tmp_path):
 
 
 def test_fixed_batch_export(tmp_path, sample_dir):
-    result = export_model("test-tiny", tmp_path / "b4.onnx", batch=4, check_images=sample_dir,
-                          check_count=6)  # 6 images: the last chunk is padded to 4
+    result = export_model(
+        "test-tiny", tmp_path / "b4.onnx", batch=4, check_images=sample_dir, check_count=6
+    )  # 6 images: the last chunk is padded to 4
     dims = onnx.load(str(result.path)).graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_value == 4
     assert result.parity.count == 6 and result.parity.top1_agreement == 1.0
@@ -150,8 +156,14 @@ def test_a_file_that_disagrees_with_torch_fails_loudly_and_is_not_kept(tmp_path)
 
 @pytest.mark.parametrize("method", ["rescale", "bitdepth", "median"])
 def test_fused_graph_matches_the_purifier_code(method, tmp_path, sample_dir):
-    result = export_fused(method, "test-tiny", tmp_path / f"{method}.onnx", size=64,
-                          check_images=sample_dir, check_count=8)
+    result = export_fused(
+        method,
+        "test-tiny",
+        tmp_path / f"{method}.onnx",
+        size=64,
+        check_images=sample_dir,
+        check_count=8,
+    )
     assert result.parity.count == 8 and result.parity.top1_agreement == 1.0
     meta = {p.key: p.value for p in onnx.load(str(result.path)).metadata_props}
     assert meta["advpurify.model"] == f"{method}+test-tiny"
@@ -166,9 +178,26 @@ def test_methods_that_are_not_graphs_refuse_with_the_reason(method):
 def test_cli_fused_export(tmp_path, sample_dir):
     # The deployment command (--classifier googlenet in the README); a small classifier here.
     out = tmp_path / "rescale-tiny.onnx"
-    result = CliRunner().invoke(app, ["export", "--purifier", "rescale", "-p", "factor=0.25",
-                                      "--classifier", "test-tiny", "--size", "96", "-o", str(out),
-                                      "--check-images", str(sample_dir), "--check-count", "4"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "export",
+            "--purifier",
+            "rescale",
+            "-p",
+            "factor=0.25",
+            "--classifier",
+            "test-tiny",
+            "--size",
+            "96",
+            "-o",
+            str(out),
+            "--check-images",
+            str(sample_dir),
+            "--check-count",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "top-1 identical on 4/4" in result.output
     check_model(out)
@@ -176,8 +205,18 @@ def test_cli_fused_export(tmp_path, sample_dir):
 
 def test_cli_refusals_and_missing_tensorrt_are_one_line_errors(tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["export", "--purifier", "dip", "--classifier", "googlenet",
-                                 "-o", str(tmp_path / "x.onnx")])
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "--purifier",
+            "dip",
+            "--classifier",
+            "googlenet",
+            "-o",
+            str(tmp_path / "x.onnx"),
+        ],
+    )
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines == [f"error: purifier dip cannot be exported: {NOT_EXPORTABLE['dip']}"]

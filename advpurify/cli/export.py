@@ -37,8 +37,7 @@ def _list_exportable() -> None:
         table.add_column(column)
     for name in exportable_names():
         entry = get_exportable(name)
-        table.add_row(name, "x".join(map(str, entry.sample_shape)), entry.output,
-                      entry.description)
+        table.add_row(name, "x".join(map(str, entry.sample_shape)), entry.output, entry.description)
     purifiers = Table(title="Purifiers in a fused graph (--purifier NAME --classifier MODEL)")
     purifiers.add_column("purifier")
     purifiers.add_column("exportable")
@@ -86,13 +85,26 @@ def export_command(
         return
     if output is None:
         raise AdvpurifyError("--output/-o FILE.onnx (or FILE.engine) is required")
-    common = dict(opset=opset, batch=_parse_batch(batch), fp16=fp16, weights=weights,
-                  check_images=check_images, check_count=check_count, notify=_note)
+    common = dict(
+        opset=opset,
+        batch=_parse_batch(batch),
+        fp16=fp16,
+        weights=weights,
+        check_images=check_images,
+        check_count=check_count,
+        notify=_note,
+    )
     if purifier is not None:
         if classifier is None and model is None:
             raise AdvpurifyError("--purifier needs --classifier MODEL")
-        result = export_fused(purifier, classifier or model, output,
-                              params=parse_assignments(param), size=size, **common)
+        result = export_fused(
+            purifier,
+            classifier or model,
+            output,
+            params=parse_assignments(param),
+            size=size,
+            **common,
+        )
     else:
         if model is None:
             raise AdvpurifyError("name a MODEL (see --list), or --purifier with --classifier")
@@ -106,7 +118,9 @@ def export_command(
 def bench_command(
     model: list[str] = typer.Option(["googlenet"], "--model", "-m", help="Repeat for several."),
     backend: list[str] = typer.Option(
-        ["torch", "ort-cpu"], "--backend", "-b",
+        ["torch", "ort-cpu"],
+        "--backend",
+        "-b",
         help="torch, torch-compile, ort-cpu, ort-cuda, ort-trt, tensorrt or auto; repeatable.",
     ),
     batch_size: list[int] = typer.Option([1, 16], "--batch-size", help="Repeatable."),
@@ -132,22 +146,49 @@ def bench_command(
     from advpurify.engine.bench import bench, bench_eval
 
     console = Console()
-    results = bench(model, backend, batch_size, precision, weights=weights, warmup=warmup,
-                    iterations=iterations, threads=threads, notify=_note,
-                    on_result=lambda r: _note(f"{r.model} {r.backend} {r.precision} "
-                                              f"batch {r.batch_size}: {r.images_per_s:.1f} img/s"))
+    results = bench(
+        model,
+        backend,
+        batch_size,
+        precision,
+        weights=weights,
+        warmup=warmup,
+        iterations=iterations,
+        threads=threads,
+        notify=_note,
+        on_result=lambda r: _note(
+            f"{r.model} {r.backend} {r.precision} batch {r.batch_size}: {r.images_per_s:.1f} img/s"
+        ),
+    )
     table = Table(title=f"advpurify bench (weights: {weights or 'default'})")
     for column in ("model", "backend", "device", "prec", "batch", "p50 ms", "p95 ms", "img/s"):
-        table.add_column(column, justify="left" if column in ("model", "backend") else "right",
-                         no_wrap=True)
+        table.add_column(
+            column, justify="left" if column in ("model", "backend") else "right", no_wrap=True
+        )
     for r in results:
-        table.add_row(r.model, r.backend, r.device, r.precision, str(r.batch_size),
-                      f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.images_per_s:.1f}")
+        table.add_row(
+            r.model,
+            r.backend,
+            r.device,
+            r.precision,
+            str(r.batch_size),
+            f"{r.p50_ms:.1f}",
+            f"{r.p95_ms:.1f}",
+            f"{r.images_per_s:.1f}",
+        )
     console.print(table)
     payload: list[dict] = [r.to_json() for r in results]
     if eval_folder is not None:
-        figure = bench_eval(eval_folder, model[0], eval_backend, batch_size=eval_batch_size,
-                            workers=workers, weights=weights, threads=threads, notify=_note)
+        figure = bench_eval(
+            eval_folder,
+            model[0],
+            eval_backend,
+            batch_size=eval_batch_size,
+            workers=workers,
+            weights=weights,
+            threads=threads,
+            notify=_note,
+        )
         top1 = "" if figure.top1 is None else f", top-1 {figure.top1:.0%}"
         console.print(
             f"end-to-end {figure.model} on {figure.backend}, {figure.images} images from "

@@ -578,6 +578,12 @@ def classifier_runner(
         if notify:
             notify("backend auto: using ort-cpu (device cpu)")
     size = int(getattr(module, "input_size", 224))
-    built = create_backend(backend, module, device=str(device), sample_shape=(3, size, size),
-                           label=str(getattr(module, "name", "classifier")), notify=notify)
+    built = create_backend(
+        backend,
+        module,
+        device=str(device),
+        sample_shape=(3, size, size),
+        label=str(getattr(module, "name", "classifier")),
+        notify=notify,
+    )
     return ClassifierRunner(built)

@@ -104,16 +104,24 @@ def bench(
         low, high = entry.input_range
         for backend_name in backends:
             for precision in precisions:
-                backend = create_backend(backend_name, module, precision=precision,
-                                         sample_shape=entry.sample_shape, threads=threads,
-                                         label=model, notify=notify,
-                                         max_batch=max(128, *batch_sizes))
+                backend = create_backend(
+                    backend_name,
+                    module,
+                    precision=precision,
+                    sample_shape=entry.sample_shape,
+                    threads=threads,
+                    label=model,
+                    notify=notify,
+                    max_batch=max(128, *batch_sizes),
+                )
                 device = torch.device(backend.device)
                 for batch_size in batch_sizes:
-                    batch = low + (high - low) * torch.rand(batch_size, *entry.sample_shape,
-                                                            generator=gen)
-                    times = time_batches(backend.run, batch.to(device), warmup=warmup,
-                                         iterations=iterations)
+                    batch = low + (high - low) * torch.rand(
+                        batch_size, *entry.sample_shape, generator=gen
+                    )
+                    times = time_batches(
+                        backend.run, batch.to(device), warmup=warmup, iterations=iterations
+                    )
                     result = summarise(model, backend, batch_size, times)
                     results.append(result)
                     if on_result:
@@ -180,8 +188,14 @@ def bench_eval(
         raise AdvpurifyError(f"{folder}: no images found")
     module = get_exportable(model).build(weights)
     prepare = Preprocess.of(module)
-    run = create_backend(backend, module, sample_shape=(3, prepare.crop_size, prepare.crop_size),
-                         threads=threads, label=model, notify=notify)
+    run = create_backend(
+        backend,
+        module,
+        sample_shape=(3, prepare.crop_size, prepare.crop_size),
+        threads=threads,
+        label=model,
+        notify=notify,
+    )
     batches = [b.images for b in iter_batches(paths, prepare, batch_size, workers)]
     for images in batches[:2]:
         run(images)  # warm-up: sessions, first-batch allocations

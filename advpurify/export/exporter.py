@@ -44,8 +44,11 @@ class ExportResult:
     onnx_path: Path | None = None
 
     def lines(self) -> list[str]:
-        out = [f"wrote {self.path} ({self.path.stat().st_size / 1e6:.1f} MB, "
-               f"exporter {self.exporter}, {self.seconds:.1f} s)", self.parity.summary()]
+        out = [
+            f"wrote {self.path} ({self.path.stat().st_size / 1e6:.1f} MB, "
+            f"exporter {self.exporter}, {self.seconds:.1f} s)",
+            self.parity.summary(),
+        ]
         if self.engine_parity is not None:
             out.append(self.engine_parity.summary().replace("ORT", "TensorRT", 1))
         return out
@@ -57,8 +60,9 @@ def fit(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     scale = max(height / h, width / w)
     size = (max(height, math.ceil(h * scale - 1e-6)), max(width, math.ceil(w * scale - 1e-6)))
     if size != (h, w):
-        image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
-                              antialias=True)[0].clamp(0, 1)
+        image = F.interpolate(
+            image[None], size=size, mode="bilinear", align_corners=False, antialias=True
+        )[0].clamp(0, 1)
     top, left = (size[0] - height) // 2, (size[1] - width) // 2
     return image[:, top : top + height, left : left + width].contiguous()
 
@@ -69,8 +73,9 @@ def synthetic_images(count: int, height: int, width: int, seed: int = 0) -> torc
     out = torch.zeros(count, 3, height, width)
     for cells, weight in ((4, 0.5), (16, 0.3), (64, 0.2)):
         coarse = torch.rand(count, 3, cells, cells, generator=gen)
-        out += weight * F.interpolate(coarse, size=(height, width), mode="bicubic",
-                                      align_corners=False)
+        out += weight * F.interpolate(
+            coarse, size=(height, width), mode="bicubic", align_corners=False
+        )
     return out.clamp(0, 1)
 
 
@@ -126,36 +131,75 @@ def _export_checked(
         example = inputs[: (batch or 2)]
         if batch and example.shape[0] < batch:
             example = example[:1].expand(batch, *example.shape[1:]).contiguous()
-        notify(f"exporting to ONNX (opset {opset}, batch {batch or 'dynamic'}, "
-               f"{'fp16' if fp16 and not engine_target else 'fp32'})")
+        notify(
+            f"exporting to ONNX (opset {opset}, batch {batch or 'dynamic'}, "
+            f"{'fp16' if fp16 and not engine_target else 'fp32'})"
+        )
         # A TensorRT FP16 engine is built from the fp32 graph: TensorRT picks its FP16 kernels.
-        export_onnx(module, onnx_path, example, opset=opset, dynamic_batch=batch is None,
-                    fp16=fp16 and not engine_target, metadata=metadata)
+        export_onnx(
+            module,
+            onnx_path,
+            example,
+            opset=opset,
+            dynamic_batch=batch is None,
+            fp16=fp16 and not engine_target,
+            metadata=metadata,
+        )
         try:
             check_model(onnx_path)
-            parity = compare_with_torch(reference, onnx_path, inputs, logits=logits,
-                                        fp16=fp16 and not engine_target, fixed_batch=batch,
-                                        source=source)
+            parity = compare_with_torch(
+                reference,
+                onnx_path,
+                inputs,
+                logits=logits,
+                fp16=fp16 and not engine_target,
+                fixed_batch=batch,
+                source=source,
+            )
         except BaseException:
             onnx_path.unlink(missing_ok=True)
             raise
         exporter = read_metadata(onnx_path).get("advpurify.exporter", "?")
         if not engine_target:
             return ExportResult(output, parity, exporter, time.perf_counter() - started)
-        return _engine(reference, onnx_path, output, inputs, source, logits, fp16, batch,
-                       parity, exporter, started, notify)
+        return _engine(
+            reference,
+            onnx_path,
+            output,
+            inputs,
+            source,
+            logits,
+            fp16,
+            batch,
+            parity,
+            exporter,
+            started,
+            notify,
+        )
 
 
-def _engine(reference, onnx_path, output, inputs, source, logits, fp16, batch, parity,
-            exporter, started, notify) -> ExportResult:
+def _engine(
+    reference,
+    onnx_path,
+    output,
+    inputs,
+    source,
+    logits,
+    fp16,
+    batch,
+    parity,
+    exporter,
+    started,
+    notify,
+) -> ExportResult:
     from advpurify.engine.backends import TensorRTBackend
     from advpurify.export.tensorrt import build_engine
 
     notify(f"building the TensorRT engine ({'fp16' if fp16 else 'fp32'})")
-    build_engine(onnx_path, output, fp16=fp16, max_batch=batch or 128,
-                 opt_batch=batch or 16)
-    backend = TensorRTBackend(output, precision="fp16" if fp16 else "fp32", notify=notify,
-                              max_batch=batch or 128)
+    build_engine(onnx_path, output, fp16=fp16, max_batch=batch or 128, opt_batch=batch or 16)
+    backend = TensorRTBackend(
+        output, precision="fp16" if fp16 else "fp32", notify=notify, max_batch=batch or 128
+    )
     if batch:  # a fixed-batch engine takes exactly ``batch`` inputs per call
         repeats = math.ceil(batch / inputs.shape[0])
         inputs = inputs.repeat(repeats, *[1] * (inputs.dim() - 1))
@@ -171,10 +215,12 @@ def _engine(reference, onnx_path, output, inputs, source, logits, fp16, batch, p
     engine_parity = ParityReport(int(ref.shape[0]), diff, tolerance, agreement, source=source)
     if not engine_parity.passed:
         output.unlink(missing_ok=True)
-        raise ExportError(f"{output}: TensorRT output does not match torch: "
-                          f"{engine_parity.summary()}")
-    return ExportResult(output, parity, exporter, time.perf_counter() - started,
-                        engine_parity=engine_parity)
+        raise ExportError(
+            f"{output}: TensorRT output does not match torch: {engine_parity.summary()}"
+        )
+    return ExportResult(
+        output, parity, exporter, time.perf_counter() - started, engine_parity=engine_parity
+    )
 
 
 def export_model(
@@ -193,13 +239,26 @@ def export_model(
     entry = get_exportable(name)
     module = entry.build(weights)
     inputs, source = check_inputs(entry, entry.sample_shape, check_images, check_count)
-    metadata = {"advpurify.model": name, "advpurify.weights": str(weights or "default"),
-                "advpurify.input": "x".join(map(str, entry.sample_shape))}
+    metadata = {
+        "advpurify.model": name,
+        "advpurify.weights": str(weights or "default"),
+        "advpurify.input": "x".join(map(str, entry.sample_shape)),
+    }
     if entry.images:
         metadata["advpurify.input_range"] = "RGB [0, 1]"
-    return _export_checked(module, module, Path(output), inputs=inputs, source=source,
-                           logits=entry.output == "logits", opset=opset, batch=batch, fp16=fp16,
-                           metadata=metadata, notify=notify)
+    return _export_checked(
+        module,
+        module,
+        Path(output),
+        inputs=inputs,
+        source=source,
+        logits=entry.output == "logits",
+        opset=opset,
+        batch=batch,
+        fp16=fp16,
+        metadata=metadata,
+        notify=notify,
+    )
 
 
 def export_fused(
@@ -228,11 +287,23 @@ def export_fused(
     to_export, reference = fused_pair(method, net)
     sample = (3, size, size)
     inputs, source = check_inputs(entry, sample, check_images, check_count)
-    metadata = {"advpurify.model": f"{purifier}+{classifier}",
-                "advpurify.purifier": repr(method),
-                "advpurify.weights": str(weights or "default"),
-                "advpurify.input": "x".join(map(str, sample)),
-                "advpurify.input_range": "RGB [0, 1]"}
-    return _export_checked(to_export, reference, Path(output), inputs=inputs, source=source,
-                           logits=True, opset=opset, batch=batch, fp16=fp16, metadata=metadata,
-                           notify=notify)
+    metadata = {
+        "advpurify.model": f"{purifier}+{classifier}",
+        "advpurify.purifier": repr(method),
+        "advpurify.weights": str(weights or "default"),
+        "advpurify.input": "x".join(map(str, sample)),
+        "advpurify.input_range": "RGB [0, 1]",
+    }
+    return _export_checked(
+        to_export,
+        reference,
+        Path(output),
+        inputs=inputs,
+        source=source,
+        logits=True,
+        opset=opset,
+        batch=batch,
+        fp16=fp16,
+        metadata=metadata,
+        notify=notify,
+    )
