@@ -162,36 +162,34 @@ def _export_checked(
         exporter = read_metadata(onnx_path).get("advpurify.exporter", "?")
         if not engine_target:
             return ExportResult(output, parity, exporter, time.perf_counter() - started)
-        return _engine(
+        engine_parity = _build_and_check_engine(
             reference,
             onnx_path,
             output,
             inputs,
-            source,
-            logits,
-            fp16,
-            batch,
-            parity,
-            exporter,
-            started,
-            notify,
+            source=source,
+            logits=logits,
+            fp16=fp16,
+            batch=batch,
+            notify=notify,
         )
+        elapsed = time.perf_counter() - started
+        return ExportResult(output, parity, exporter, elapsed, engine_parity=engine_parity)
 
 
-def _engine(
-    reference,
-    onnx_path,
-    output,
-    inputs,
-    source,
-    logits,
-    fp16,
-    batch,
-    parity,
-    exporter,
-    started,
-    notify,
-) -> ExportResult:
+def _build_and_check_engine(
+    reference: nn.Module,
+    onnx_path: Path,
+    output: Path,
+    inputs: torch.Tensor,
+    *,
+    source: str,
+    logits: bool,
+    fp16: bool,
+    batch: int | None,
+    notify: Callable[[str], None],
+) -> ParityReport:
+    """Build the TensorRT engine from the checked ONNX file and compare it with torch."""
     from advpurify.engine.backends import TensorRTBackend
     from advpurify.export.tensorrt import build_engine
 
@@ -218,9 +216,7 @@ def _engine(
         raise ExportError(
             f"{output}: TensorRT output does not match torch: {engine_parity.summary()}"
         )
-    return ExportResult(
-        output, parity, exporter, time.perf_counter() - started, engine_parity=engine_parity
-    )
+    return engine_parity
 
 
 def export_model(
