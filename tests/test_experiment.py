@@ -222,6 +222,8 @@ def test_attack_warns_about_jpeg_and_eval_needs_labels_or_reference(tmp_path, ph
             "unknown method",
         ),
         (["eval", "{data}", "--labels", "{tmp}/labels.csv", *LITE0], "outside 0..999"),
+        (["attack", "{data}", "-o", "{data}/adv", *LITE0], "inside the input folder"),
+        (["experiment", "--data", "{data}", "-o", "{data}/r", *LITE0], "inside the input folder"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(tmp_path, sample_paths, args, message):
@@ -236,6 +238,7 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path, sample_paths, args, message)
     assert len(errors) == 1 and message in errors[0]
     assert result.stderr.strip().splitlines()[-1] == errors[0]
     assert "Traceback" not in result.output
+    assert [p.name for p in data.iterdir()] == [sample_paths[0].name]  # input untouched
 
 
 def test_console_script_exit_code(tmp_path, sample_paths):

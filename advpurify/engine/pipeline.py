@@ -118,14 +118,23 @@ def check_folders(input_dir: Path, output_dir: Path) -> None:
         raise AdvpurifyError(f"input folder {input_dir} does not exist")
     if not input_dir.is_dir():
         raise AdvpurifyError(f"input {input_dir} is not a folder")
-    inside = output_dir.resolve()
-    if inside == input_dir.resolve() or input_dir.resolve() in inside.parents:
-        raise AdvpurifyError(
-            f"output folder {output_dir} is inside the input folder {input_dir}: "
-            "choose a folder outside it, so the input is never touched"
-        )
+    check_output_outside(input_dir, output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise AdvpurifyError(f"output {output_dir} exists and is not a folder")
+
+
+def check_output_outside(input_path: Path, output_dir: Path) -> None:
+    """Refuse an output folder equal to or inside an input folder: the input is never touched,
+    and outputs never become inputs of the next run."""
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    if not input_path.is_dir():
+        return
+    inside = output_dir.resolve()
+    if inside == input_path.resolve() or input_path.resolve() in inside.parents:
+        raise AdvpurifyError(
+            f"output folder {output_dir} is inside the input folder {input_path}: "
+            "choose a folder outside it, so the input is never touched"
+        )
 
 
 def output_paths(inputs: list[Path], input_dir: Path, output_dir: Path, fmt: str) -> list[Path]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from advpurify.attacks import AttackConfig, attack
+from advpurify.engine.pipeline import check_output_outside
 from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk_predictions
 from advpurify.evaluation.dataset import load_dataset
 from advpurify.evaluation.labels import SOURCE_CLEAN, parse_label, resolve_labels
@@ -51,6 +52,7 @@ def attack_folder(
         raise AdvpurifyError(f"format {fmt!r}: use one of {', '.join(OUTPUT_FORMATS)}")
     config = config.resolved()
     out = Path(out)
+    check_output_outside(source, out)
     data = load_dataset(source, classifier.prepare, classifier.input_size)
     for failure in data.failures:
         log(f"skipped {failure.path}: {failure.reason}")

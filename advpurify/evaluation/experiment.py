@@ -19,6 +19,7 @@ import torch
 from advpurify import __version__
 from advpurify.attacks import AttackConfig, attack
 from advpurify.devices import resolve_device
+from advpurify.engine.pipeline import check_output_outside
 from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk_predictions
 from advpurify.evaluation.dataset import Dataset, list_images, load_dataset, to_float
@@ -143,6 +144,7 @@ def run_experiment(config: ExperimentConfig, log: Log = lambda message: None) ->
 
     list_images(config.data)  # an empty or missing folder fails before any loading
     out = Path(config.out)
+    check_output_outside(config.data, out)  # stage images must not join the data on a rerun
     out.mkdir(parents=True, exist_ok=True)
     log(f"loading classifier {config.classifier} ({config.backend}, {device})")
     classifier = load_classifier(config.classifier, config.backend, device, config.weights)
