@@ -145,6 +145,13 @@ def test_cli_trains_and_reports_errors_in_one_line(
     assert result.exit_code == 0, result.output
     assert "steps 0..2" in result.output and output.is_file()
 
+    # A checkpoint inside the data folder is refused: its sample grids would become data.
+    before = sorted(p.name for p in photos.iterdir())
+    inside = [*args[:5], str(photos / "ce.pt"), *args[6:]]
+    result = CliRunner().invoke(app, inside)
+    assert result.exit_code == 1 and "inside the input folder" in result.stderr
+    assert sorted(p.name for p in photos.iterdir()) == before
+
     # The entry point prints a user error as one line (no traceback) and exits 1.
     from advpurify.cli import main
 

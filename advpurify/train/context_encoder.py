@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from advpurify.engine.pipeline import check_output_outside
 from advpurify.errors import AdvpurifyError
 from advpurify.images import ImageDecodeError, find_images, load_image, save_image
 from advpurify.models.context_encoder import (
@@ -230,6 +231,8 @@ def train(
     if not data.is_dir():
         raise TrainError(f"{data}: not a folder of images")
     output = Path(config.output)
+    # The checkpoint's sample grids are PNG files: inside the data they would become training data.
+    check_output_outside(data, output.with_name(output.stem + "-samples"))
     if output.exists() and not config.resume:
         raise TrainError(f"{output} exists: pass --resume to continue it, or choose another path")
     paths = find_images(data)
