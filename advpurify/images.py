@@ -9,10 +9,8 @@ EXIF orientation is applied, so the tensor is the image as a viewer shows it.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -21,16 +19,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from advpurify.errors import AdvpurifyError
+from advpurify.files import atomic_write_bytes
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 OUTPUT_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 BACKGROUNDS = {"white": 1.0, "black": 0.0}
-TEMP_SUFFIX = ".partial"
 
-# mkstemp creates files readable by the owner only; outputs get the usual umask-based mode.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
 
 # OpenCV decodes these with their full bit depth; Pillow reduces 16-bit colour to 8 bits.
 _DEEP_FORMATS = frozenset({".png", ".tif", ".tiff"})
@@ -184,25 +178,6 @@ def encode_image(image: torch.Tensor, fmt: str = "png", quality: int = 95) -> by
     return buffer.tobytes()
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write to a hidden temporary file beside ``path``, then rename it into place.
-
-    A reader, or a run killed at any instant, sees either no file or the complete file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_image(
     image: torch.Tensor, path: Path | str, fmt: str | None = None, quality: int = 95
 ) -> None:
@@ -213,13 +188,3 @@ def save_image(
             path.suffix.lower(), "png"
         )
     atomic_write_bytes(path, encode_image(image, fmt, quality))
-
-
-def remove_stale_temporaries(root: Path | str) -> int:
-    """Delete temporary files left by a run that was killed mid-write; returns how many."""
-    removed = 0
-    for tmp in Path(root).rglob(f".*{TEMP_SUFFIX}"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-            removed += 1
-    return removed

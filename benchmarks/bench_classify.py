@@ -41,7 +41,7 @@ def main() -> int:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    from advpurify.engine.bench import bench, bench_eval
+    from advpurify.export.bench import bench, bench_eval
 
     print(
         f"{args.model} ({args.weights} weights), {args.threads} threads, "

@@ -29,7 +29,7 @@ def make_folder(folder: Path, count: int) -> None:
 
 
 def child(folder: str, out: str) -> None:
-    from advpurify.engine.pipeline import PipelineOptions, run_pipeline
+    from advpurify.pipeline.batch import PipelineOptions, run_pipeline
     from advpurify.purifiers import create
 
     summary = run_pipeline(folder, out, create("rescale"), PipelineOptions(batch_size=16))

@@ -16,9 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from advpurify.engine.pipeline import PipelineOptions, run_pipeline
-from advpurify.images import atomic_write_bytes, encode_image, find_images, load_image
+from advpurify.files import atomic_write_bytes
+from advpurify.images import encode_image, find_images, load_image
 from advpurify.paths import shared_data_dir
+from advpurify.pipeline.batch import PipelineOptions, run_pipeline
 from advpurify.purifiers import create
 
 

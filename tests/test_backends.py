@@ -8,18 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from advpurify.engine.backends import (
+from advpurify.errors import AdvpurifyError
+from advpurify.runtime.backends import OrtBackend, TorchBackend, create_backend, resolve_backend
+from advpurify.runtime.installed import (
     AUTO_ORDER,
     BackendError,
-    OrtBackend,
-    TorchBackend,
     available_backends,
-    create_backend,
-    ort_session,
-    resolve_backend,
     unavailable_reason,
 )
-from advpurify.errors import AdvpurifyError
+from advpurify.runtime.ort import ort_session
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRT = HAS_CUDA and importlib.util.find_spec("tensorrt") is not None
@@ -64,7 +61,7 @@ def test_ort_cpu_matches_torch_on_real_images(small_real_images):
 
 
 def test_backend_from_an_onnx_file(tmp_path, small_real_images):
-    from advpurify.export.onnx import export_onnx
+    from advpurify.runtime.onnx import export_onnx
 
     module = Tiny()
     path = export_onnx(module, tmp_path / "tiny.onnx", small_real_images[:2])
@@ -149,7 +146,7 @@ def test_ort_cuda_io_binding_keeps_tensors_on_the_gpu(small_real_images):
 @needs_trt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_engine_matches_torch_and_is_cached(precision, small_real_images):
-    from advpurify.export.tensorrt import engine_cache_dir
+    from advpurify.runtime.tensorrt import engine_cache_dir
 
     module = Tiny()
     backend = create_backend("tensorrt", module, precision=precision, max_batch=8)

@@ -11,10 +11,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from advpurify.cli import app
-from advpurify.engine.bench import bench, bench_eval, time_batches
-from advpurify.engine.classify import Preprocess, classify_paths, iter_batches
-from advpurify.export.registry import register_exportable
+from advpurify.evaluation.classify import Preprocess, classify_paths, iter_batches
+from advpurify.export.bench import bench, bench_eval, time_batches
 from advpurify.images import load_image
+from advpurify.models.registry import register_exportable
 
 KEYS = {"model", "backend", "batch_size", "precision", "p50_ms", "p95_ms", "images_per_s"}
 

@@ -187,9 +187,9 @@ def test_onnx_export_parity(
     checkpoint: Path, tmp_path: Path, monkeypatch, small_real_images
 ) -> None:
     """The generator exports to ONNX; ONNX Runtime reproduces torch, inside the purifier too."""
-    from advpurify.export.cache import cached_onnx
-    from advpurify.export.onnx import compare_with_torch
-    from advpurify.export.registry import get_exportable
+    from advpurify.models.registry import get_exportable
+    from advpurify.runtime.onnx import compare_with_torch
+    from advpurify.runtime.onnx_cache import cached_onnx
 
     monkeypatch.setenv("ADVPURIFY_HOME", str(tmp_path / "home"))
     entry = get_exportable("context-encoder")

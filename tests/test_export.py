@@ -11,11 +11,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from advpurify.cli import app
-from advpurify.export.cache import cached_onnx, onnx_cache_dir
 from advpurify.export.exporter import export_fused, export_model
 from advpurify.export.fused import NOT_EXPORTABLE, NotExportableError, build_purifier
-from advpurify.export.onnx import ExportError, check_model, compare_with_torch, export_onnx
-from advpurify.export.registry import get_exportable, register_exportable
+from advpurify.models.registry import get_exportable, register_exportable
+from advpurify.runtime.onnx import ExportError, check_model, compare_with_torch, export_onnx
+from advpurify.runtime.onnx_cache import cached_onnx, onnx_cache_dir
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +89,7 @@ def calibrate(classifier: nn.Module, seed: int = 0) -> nn.Module:
     ids=["efficientnet-lite0-real-weights", "googlenet-random-weights"],
 )
 def test_parity_on_all_100_sample_images(name, weights, sample_paths, tmp_path):
-    from advpurify.engine.classify import Preprocess
+    from advpurify.evaluation.classify import Preprocess
     from advpurify.models.imagenet import wnid_to_index
 
     classifier = get_exportable(name).build(weights)
@@ -123,7 +123,7 @@ def test_dynamic_batch_and_metadata(tmp_path):
     assert not dims[0].dim_value and [d.dim_value for d in dims[1:]] == [3, 32, 32]
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["advpurify.model"] == "test-tiny" and "advpurify.exporter" in meta
-    from advpurify.engine.backends import ort_session
+    from advpurify.runtime.backends import ort_session
 
     session = ort_session(path)
     for batch in (1, 5):

@@ -11,14 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from advpurify.files import atomic_write_bytes, remove_stale_temporaries
 from advpurify.images import (
     ImageDecodeError,
-    atomic_write_bytes,
     decode_image,
     encode_image,
     find_images,
     load_image,
-    remove_stale_temporaries,
     save_image,
 )
 

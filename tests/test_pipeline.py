@@ -18,15 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-from advpurify.engine.pipeline import (
+from advpurify.errors import AdvpurifyError
+from advpurify.images import find_images, load_image
+from advpurify.pipeline.batch import (
     MANIFEST,
     PipelineOptions,
     Shard,
     default_output_dir,
     run_pipeline,
 )
-from advpurify.errors import AdvpurifyError
-from advpurify.images import find_images, load_image
 from advpurify.purifiers import create
 from advpurify.purifiers.base import Purifier
 

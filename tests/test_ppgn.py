@@ -156,8 +156,8 @@ def test_pytorch_port_with_other_names_is_matched_by_order(home, tmp_path, encod
 
 
 def test_export_parity_of_g_and_e(tmp_path, small_real_images):
-    from advpurify.export.onnx import check_model, compare_with_torch, export_onnx
-    from advpurify.export.registry import get_exportable
+    from advpurify.models.registry import get_exportable
+    from advpurify.runtime.onnx import check_model, compare_with_torch, export_onnx
 
     for name, inputs in (
         ("deepsim-fc6", torch.rand(3, 4096, generator=torch.Generator().manual_seed(0)) * 8),

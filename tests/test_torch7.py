@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from advpurify.models.context_encoder import ContextEncoder, load_generator
-from advpurify.weights.torch7 import (
+from advpurify.models.context_encoder import (
     MODEL_NAME,
-    Torch7Error,
+    ContextEncoder,
     convert_t7,
-    describe,
     generator_from_t7,
-    read_t7,
+    load_generator,
 )
+from advpurify.weights.torch7 import Torch7Error, describe, read_t7
 
 # ------------------------------------------------------------------ a minimal Torch7 writer
 # torchfile only reads; these tests need .t7 files of a known network, written in the binary
@@ -307,7 +306,7 @@ def test_wrong_architecture_is_refused(tmp_path: Path) -> None:
     net = reference_netG()
     net.fields["modules"] = net.fields["modules"][:-2]  # drop the last deconv and Tanh
     path = write_t7(tmp_path / "short.t7", net)
-    with pytest.raises(Torch7Error, match="4 full convolutions, a context encoder has 5"):
+    with pytest.raises(Torch7Error, match="and 4 full convolutions, a context encoder has 6 and 5"):
         generator_from_t7(read_t7(path), source=str(path))
 
     net = reference_netG()

@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 from advpurify.devices import resolve_device
-from advpurify.engine.pipeline import (
+from advpurify.pipeline.batch import (
     PipelineOptions,
     Record,
     RunPlan,

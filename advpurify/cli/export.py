@@ -1,5 +1,5 @@
 """``advpurify export`` and ``advpurify bench``: thin wrappers over ``advpurify.export`` and
-``advpurify.engine.bench``."""
+``advpurify.export.bench``."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _list_exportable() -> None:
     from rich.table import Table
 
     from advpurify.export.fused import refusal
-    from advpurify.export.registry import exportable_names, get_exportable
+    from advpurify.models.registry import exportable_names, get_exportable
     from advpurify.purifiers.base import method_names
 
     table = Table(title="Exportable models")
@@ -143,7 +143,7 @@ def bench_command(
     from rich.console import Console
     from rich.table import Table
 
-    from advpurify.engine.bench import bench, bench_eval
+    from advpurify.export.bench import bench, bench_eval
 
     console = Console()
     results = bench(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from advpurify.engine.classify import Preprocess, classify_paths
 from advpurify.errors import AdvpurifyError
+from advpurify.evaluation.classify import Preprocess, classify_paths
 from advpurify.evaluation.dataset import Failure, list_images, load_dataset, relative_key
 from advpurify.evaluation.labels import SOURCE_CLEAN, LabelError, resolve_labels
 from advpurify.models.classifiers import LoadedClassifier

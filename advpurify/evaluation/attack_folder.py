@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from advpurify.attacks import AttackConfig, attack
-from advpurify.engine.pipeline import check_output_outside
 from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk_predictions
 from advpurify.evaluation.dataset import load_dataset
 from advpurify.evaluation.labels import SOURCE_CLEAN, parse_label, resolve_labels
-from advpurify.images import OUTPUT_FORMATS, atomic_write_bytes, save_image
+from advpurify.files import atomic_write_bytes, check_output_outside
+from advpurify.images import OUTPUT_FORMATS, save_image
 from advpurify.models.classifiers import LoadedClassifier
 from advpurify.models.imagenet import class_name
 from advpurify.purifiers.base import image_seed

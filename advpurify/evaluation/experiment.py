@@ -19,12 +19,12 @@ import torch
 from advpurify import __version__
 from advpurify.attacks import AttackConfig, attack
 from advpurify.devices import resolve_device
-from advpurify.engine.pipeline import check_output_outside
 from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk_predictions
 from advpurify.evaluation.dataset import Dataset, list_images, load_dataset, to_float
 from advpurify.evaluation.labels import SOURCE_CLEAN, resolve_labels
 from advpurify.evaluation.stages import Stage
+from advpurify.files import check_output_outside
 from advpurify.models.classifiers import LoadedClassifier, load_classifier
 from advpurify.purifiers import create, method_class
 from advpurify.purifiers.base import ParamError, Purifier, image_seed

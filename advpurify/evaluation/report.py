@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from advpurify.evaluation.dataset import Dataset, to_float
-from advpurify.images import atomic_write_bytes
+from advpurify.files import atomic_write_bytes
 from advpurify.models.imagenet import class_name
 
 

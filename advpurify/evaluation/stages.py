@@ -20,7 +20,8 @@ import torch
 
 from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.dataset import to_float, to_uint8
-from advpurify.images import atomic_write_bytes, load_image, save_image
+from advpurify.files import atomic_write_bytes
+from advpurify.images import load_image, save_image
 
 
 class StageMismatchError(AdvpurifyError):

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from advpurify.errors import AdvpurifyError
-from advpurify.export.onnx import (
+from advpurify.models.registry import Exportable, get_exportable
+from advpurify.runtime.onnx import (
     DEFAULT_OPSET,
     ExportError,
     ParityReport,
@@ -29,7 +30,6 @@ from advpurify.export.onnx import (
     export_onnx,
     read_metadata,
 )
-from advpurify.export.registry import Exportable, get_exportable
 
 ENGINE_SUFFIXES = (".engine", ".plan")
 
@@ -123,7 +123,7 @@ def _export_checked(
     output = Path(output)
     engine_target = output.suffix in ENGINE_SUFFIXES
     if engine_target:
-        from advpurify.engine.backends import require
+        from advpurify.runtime.backends import require
 
         require("tensorrt")  # fail before a long export, naming what is missing
     with tempfile.TemporaryDirectory(prefix="advpurify-export-") as scratch:
@@ -190,8 +190,8 @@ def _build_and_check_engine(
     notify: Callable[[str], None],
 ) -> ParityReport:
     """Build the TensorRT engine from the checked ONNX file and compare it with torch."""
-    from advpurify.engine.backends import TensorRTBackend
-    from advpurify.export.tensorrt import build_engine
+    from advpurify.runtime.backends import TensorRTBackend
+    from advpurify.runtime.tensorrt import build_engine
 
     notify(f"building the TensorRT engine ({'fp16' if fp16 else 'fp32'})")
     build_engine(onnx_path, output, fp16=fp16, max_batch=batch or 128, opt_batch=batch or 16)
@@ -205,7 +205,7 @@ def _build_and_check_engine(
     with torch.inference_mode():
         ref = torch.cat([reference(c) for c in inputs.split(batch or 16)])
         got = torch.cat([backend.run(c.cuda()).cpu() for c in inputs.split(batch or 16)])
-    from advpurify.export.onnx import default_tolerance
+    from advpurify.runtime.onnx import default_tolerance
 
     tolerance = default_tolerance(ref, fp16=fp16)
     diff = float((ref - got).abs().max())

@@ -383,7 +383,7 @@ def make_runner(module: Classifier, backend: str, device: torch.device) -> Runne
     """
     if backend == "torch":
         return TorchRunner(module, device)
-    from advpurify.engine.backends import CHOICES, classifier_runner
+    from advpurify.runtime.backends import CHOICES, classifier_runner
 
     if backend in CHOICES:  # ONNX Runtime / TensorRT / auto: exported once, cached by hash
         return classifier_runner(module, backend, device)

@@ -6,16 +6,23 @@ predicted too, so that a pasted prediction blends into its surroundings. The net
 [-1, 1]; :class:`ContextEncoder` wraps them so that callers pass and receive [0, 1] RGB.
 
 Layer names follow the Torch7 ``nn.Sequential`` of the reference ``train.lua`` so that the
-released ``imagenet_inpaintCenter.t7`` maps onto them one to one (see ``advpurify.weights.torch7``).
+released ``imagenet_inpaintCenter.t7`` maps onto them one to one (:func:`generator_from_t7`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from advpurify.models.registry import register_exportable
+from advpurify.weights import torch7
+from advpurify.weights.registry import Source, WeightsError, register_source
+
+MODEL_NAME = "context-encoder-imagenet"  # the released Torch7 model, once imported
 FINE_SIZE = 128  # context side
 CENTER = 64  # predicted centre side
 OVERLAP = 4  # predicted border around the hole, weighted 10x in the L2 loss
@@ -184,10 +191,6 @@ def load_generator(spec: str, device: str | torch.device = "cpu") -> Generator:
     a ``.safetensors`` state dict, a Torch7 ``.t7`` netG, or the name of converted weights in
     the cache (``context-encoder-imagenet``).
     """
-    from pathlib import Path
-
-    from advpurify.weights.registry import WeightsError
-
     path = Path(spec).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()
@@ -199,8 +202,6 @@ def load_generator(spec: str, device: str | torch.device = "cpu") -> Generator:
             except Exception as error:  # safetensors raises several types for a bad header
                 raise WeightsError(f"{path}: not a readable safetensors file ({error})") from None
         elif suffix == ".t7":
-            from advpurify.weights.torch7 import convert_state
-
             state = convert_state(path)
         else:
             try:
@@ -214,7 +215,6 @@ def load_generator(spec: str, device: str | torch.device = "cpu") -> Generator:
         raise WeightsError(f"{spec}: no such weights file")
     else:
         from advpurify.weights import cache
-        from advpurify.weights.torch7 import MODEL_NAME  # registers the source
 
         if spec != MODEL_NAME and spec not in _known_models():
             raise WeightsError(f"weights {spec!r}: neither a file nor a known model ({MODEL_NAME})")
@@ -242,7 +242,7 @@ def _known_models() -> list[str]:
         return []
 
 
-DEFAULT_WEIGHTS = "context-encoder-imagenet"
+DEFAULT_WEIGHTS = MODEL_NAME
 
 
 def build_context_encoder(weights: str | None = None) -> ContextEncoder:
@@ -254,8 +254,6 @@ def build_context_encoder(weights: str | None = None) -> ContextEncoder:
 
 
 def _register_exportable() -> None:
-    from advpurify.export.registry import register_exportable
-
     register_exportable(
         "context-encoder",
         build_context_encoder,
@@ -266,3 +264,54 @@ def _register_exportable() -> None:
 
 
 _register_exportable()
+
+
+def generator_from_t7(obj: Any, source: str = "<t7>") -> Generator:
+    """Map a Torch7 netG (as read by :func:`advpurify.weights.torch7.read_t7`) onto a new
+    :class:`Generator`, its widths read off the file's first and last layers."""
+    t7_modules = torch7.inference_modules(obj)
+    kinds = [torch7.type_name(m) for m in t7_modules]
+    convs = [m for m, k in zip(t7_modules, kinds, strict=True) if k == "nn.SpatialConvolution"]
+    full = [m for m, k in zip(t7_modules, kinds, strict=True) if k == "nn.SpatialFullConvolution"]
+    if len(convs) != 6 or len(full) != 5:
+        raise torch7.Torch7Error(
+            f"{source}: {len(convs)} convolutions and {len(full)} full convolutions, "
+            "a context encoder has 6 and 5"
+        )
+    weights = [torch7.field(m, "weight") for m in (convs[0], convs[-1], full[0])]
+    if any(w is None or getattr(w, "size", 0) == 0 for w in weights):
+        raise torch7.Torch7Error(f"{source}: convolution without weight")
+    generator = Generator(
+        nef=weights[0].shape[0], ngf=weights[2].shape[1] // 8, bottleneck=weights[1].shape[0]
+    )
+    ours = [m for m in generator.modules() if type(m) in torch7.EXPECTED]
+    torch7.load_modules(t7_modules, ours, source)
+    return generator.eval()
+
+
+def convert_state(path: Path | str) -> dict[str, torch.Tensor]:
+    """Weights-registry converter: a Torch7 context encoder file -> the generator's state dict."""
+    path = Path(path)
+    return generator_from_t7(torch7.read_t7(path), source=str(path)).state_dict()
+
+
+def convert_t7(source: Path | str, model: str = MODEL_NAME) -> Path:
+    """Import a Torch7 context encoder into the weights cache (once) as ``model``: the same path
+    as ``advpurify weights import context-encoder-imagenet FILE.t7``."""
+    from advpurify.weights.manager import import_file
+
+    [(_, path)] = import_file(model, Path(source))
+    return path
+
+
+register_source(
+    Source(
+        name=MODEL_NAME,
+        format="torch7",
+        url=None,  # the published archive's link is dead: import only
+        filename="imagenet_inpaintCenter.t7",
+        converter="advpurify.models.context_encoder:convert_state",
+        description="Context Encoder generator trained on ImageNet (Pathak et al. 2016), "
+        "released as imagenet_inpaintCenter.t7; import a copy with `weights import`",
+    )
+)

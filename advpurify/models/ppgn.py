@@ -22,7 +22,7 @@ def _encoder(weights: str | None) -> nn.Module:
 
 
 def _register_exportable() -> None:
-    from advpurify.export.registry import register_exportable
+    from advpurify.models.registry import register_exportable
 
     register_exportable(
         "deepsim-fc6",

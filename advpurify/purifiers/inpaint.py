@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from advpurify.engine.backends import CHOICES as BACKEND_CHOICES
 from advpurify.models.context_encoder import (
     CENTER_START,
     DEFAULT_WEIGHTS,
@@ -29,6 +28,7 @@ from advpurify.models.context_encoder import (
     load_generator,
 )
 from advpurify.purifiers.base import Param, Purifier, register
+from advpurify.runtime.backends import CHOICES as BACKEND_CHOICES
 
 HOLE = HOLE_END - HOLE_START  # 56
 PAD = HOLE_START  # context to the left of / above a hole: 36
@@ -126,7 +126,7 @@ class ContextEncoderPurifier(Purifier):
         # Gradients flow through the torch backend only (exported engines are inference-only).
         self.differentiable = self.backend == "torch"
         if self.backend != "torch":
-            from advpurify.engine.backends import create_backend
+            from advpurify.runtime.backends import create_backend
 
             self._backend = create_backend(
                 self.backend,
@@ -141,7 +141,7 @@ class ContextEncoderPurifier(Purifier):
         # The weights' content, not only their path: a checkpoint retrained in place must not
         # be mistaken for the old one by resumable runs and cached experiment stages.
         if self._digest is None:
-            from advpurify.export.cache import module_digest
+            from advpurify.runtime.onnx_cache import module_digest
 
             self._digest = module_digest(self.model.generator)
         return {**super().config(), "generator_sha256": self._digest}

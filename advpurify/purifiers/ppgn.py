@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from advpurify.purifiers.base import Param, Purifier, generators, register
 
 CODE_MAX = 30.0  # the PPGN code's clip range: fc6 after ReLU stays within [0, 30]
-# The engine's backends (advpurify.engine.backends.CHOICES); the sampler loop itself is torch.
+# The engine's backends (advpurify.runtime.backends.CHOICES); the sampler loop itself is torch.
 END_BACKENDS = ("torch", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "auto")
 
 
@@ -156,7 +156,7 @@ class _BackendEnds:
     """E.caffe and G.caffe on an engine backend (ONNX Runtime, TensorRT), exported once."""
 
     def __init__(self, generator, encoder, backend: str, device: torch.device) -> None:
-        from advpurify.engine.backends import create_backend
+        from advpurify.runtime.backends import create_backend
 
         self.encoder = create_backend(
             backend, CaffeEnd(encoder), device=str(device), sample_shape=(3, 227, 227),

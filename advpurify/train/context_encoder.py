@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from advpurify.engine.pipeline import check_output_outside
 from advpurify.errors import AdvpurifyError
+from advpurify.files import check_output_outside
 from advpurify.images import ImageDecodeError, find_images, load_image, save_image
 from advpurify.models.context_encoder import (
     CENTER,

@@ -97,7 +97,7 @@ def describe_model(name: str, description: str) -> None:
 
 
 # Modules that register sources when imported; `weights list` shows all of them.
-SOURCE_MODULES = ("advpurify.weights.sources", "advpurify.weights.torch7")
+SOURCE_MODULES = ("advpurify.weights.sources", "advpurify.models.context_encoder")
 
 
 def _load_builtin() -> None:

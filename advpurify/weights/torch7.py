@@ -1,10 +1,8 @@
-"""Torch7 (``.t7``) files: reading them with ``torchfile`` and importing the Context Encoder.
+"""Torch7 (``.t7``) files: reading them with ``torchfile`` and loading their layers into torch.
 
-The released ImageNet model ``imagenet_inpaintCenter.t7`` is an ``nn.Sequential`` (the encoder
-``netE`` nested inside it) built by the reference ``train.lua``. Its modules map one to one, in
-order, onto :class:`advpurify.models.context_encoder.Generator`; the mapping checks every layer's
-type, kernel, stride and padding, so a file of another architecture is refused with a reason
-instead of being loaded wrongly. The import runs once and writes ``safetensors``.
+A model whose Torch7 layers map one to one, in order, onto its torch layers (the context encoder's
+``imagenet_inpaintCenter.t7``) is loaded with :func:`load_modules`, which checks every layer's
+type, kernel, stride and padding, so a file of another architecture is refused with a reason.
 """
 
 from __future__ import annotations
@@ -18,10 +16,7 @@ import torch
 import torchfile
 from torch import nn
 
-from advpurify.models.context_encoder import Generator
-from advpurify.weights.registry import Source, WeightsError, register_source
-
-MODEL_NAME = "context-encoder-imagenet"
+from advpurify.weights.registry import WeightsError
 
 CONTAINERS = {"nn.Sequential", "nn.gModule", "nn.Concat", "nn.ConcatTable", "nn.ParallelTable"}
 # Modules without parameters that carry no computation in the inference graph.
@@ -158,7 +153,8 @@ def _load_norm(module: Any, target: nn.BatchNorm2d, where: str, bias_before: np.
     _check(abs(eps - target.eps) < 1e-9, where, f"batch norm eps {eps:g}, expected {target.eps:g}")
 
 
-_EXPECTED = {
+# The torch module each Torch7 layer type loads into.
+EXPECTED = {
     nn.Conv2d: "nn.SpatialConvolution",
     nn.ConvTranspose2d: "nn.SpatialFullConvolution",
     nn.BatchNorm2d: "nn.SpatialBatchNormalization",
@@ -168,20 +164,12 @@ _EXPECTED = {
 }
 
 
-def generator_from_t7(obj: Any, source: str = "<t7>") -> Generator:
-    """Map a Torch7 netG (as read by :func:`read_t7`) onto a new :class:`Generator`."""
-    t7_modules = [m for m in leaf_modules(obj) if type_name(m) not in PASSTHROUGH]
-    convs = [m for m in t7_modules if type_name(m) == "nn.SpatialConvolution"]
-    _check(len(convs) == 6, source, f"{len(convs)} convolutions, a context encoder has 6")
-    first, last = _array(convs[0], "weight"), _array(convs[-1], "weight")
-    _check(first is not None and last is not None, source, "convolution without weight")
-    nef, bottleneck = first.shape[0], last.shape[0]
-    full = [m for m in t7_modules if type_name(m) == "nn.SpatialFullConvolution"]
-    _check(len(full) == 5, source, f"{len(full)} full convolutions, a context encoder has 5")
-    ngf = _array(full[0], "weight").shape[1] // 8
-    generator = Generator(nef=nef, ngf=ngf, bottleneck=bottleneck)
+def load_modules(t7_modules: list[Any], ours: list[nn.Module], source: str) -> None:
+    """Copy Torch7 leaf modules, in order, onto ``ours`` (the same layers, in the same order).
 
-    ours = [m for m in generator.modules() if type(m) in _EXPECTED]
+    Every layer's type, kernel, stride, padding and shape is checked, so a file of another
+    architecture is refused with a reason instead of being loaded wrongly.
+    """
     _check(
         len(ours) == len(t7_modules),
         source,
@@ -193,9 +181,9 @@ def generator_from_t7(obj: Any, source: str = "<t7>") -> Generator:
         for index, (target, module) in enumerate(zip(ours, t7_modules, strict=True)):
             where = f"{source}: layer {index + 1} ({type_name(module)})"
             _check(
-                type_name(module) == _EXPECTED[type(target)],
+                type_name(module) == EXPECTED[type(target)],
                 where,
-                f"wrong layer type, expected {_EXPECTED[type(target)]}",
+                f"wrong layer type, expected {EXPECTED[type(target)]}",
             )
             if isinstance(target, (nn.Conv2d, nn.ConvTranspose2d)):
                 pending_bias = _load_conv(module, target, where)
@@ -208,32 +196,8 @@ def generator_from_t7(obj: Any, source: str = "<t7>") -> Generator:
             elif pending_bias is not None and np.any(pending_bias != 0):
                 raise Torch7Error(f"{where}: unexpected bias before a non-normalised layer")
             pending_bias = None
-    return generator.eval()
 
 
-def convert_state(path: Path | str) -> dict[str, torch.Tensor]:
-    """Weights-registry converter: a Torch7 context encoder file -> the generator's state dict."""
-    path = Path(path)
-    return generator_from_t7(read_t7(path), source=str(path)).state_dict()
-
-
-def convert_t7(source: Path | str, model: str = MODEL_NAME) -> Path:
-    """Import a Torch7 context encoder into the weights cache (once) as ``model``: the same path
-    as ``advpurify weights import context-encoder-imagenet FILE.t7``."""
-    from advpurify.weights.manager import import_file
-
-    [(_, path)] = import_file(model, Path(source))
-    return path
-
-
-register_source(
-    Source(
-        name=MODEL_NAME,
-        format="torch7",
-        url=None,  # the published archive's link is dead: import only
-        filename="imagenet_inpaintCenter.t7",
-        converter="advpurify.weights.torch7:convert_state",
-        description="Context Encoder generator trained on ImageNet (Pathak et al. 2016), "
-        "released as imagenet_inpaintCenter.t7; import a copy with `weights import`",
-    )
-)
+def inference_modules(obj: Any) -> list[Any]:
+    """The leaf modules that compute something (pass-throughs such as Dropout dropped)."""
+    return [m for m in leaf_modules(obj) if type_name(m) not in PASSTHROUGH]

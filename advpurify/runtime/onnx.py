@@ -225,7 +225,7 @@ def compare_with_torch(
     prediction flips where torch's winning margin is wider than twice the tolerance (a real
     disagreement, not a near tie that any rounding may break).
     """
-    from advpurify.engine.backends import ort_session
+    from advpurify.runtime.ort import ort_session
 
     session = ort_session(path, "cpu")
     module = on_cpu(module)

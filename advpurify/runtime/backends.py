@@ -14,13 +14,12 @@ Each backend has a ``name``, a ``device`` and a ``precision``.
 An explicit backend that cannot run here (no GPU, TensorRT not installed, a provider that
 onnxruntime lists but cannot create a session with) raises :class:`BackendError` naming what is
 missing; nothing silently falls back. A backend built from an ``nn.Module`` exports it to ONNX on
-first sight of each input shape (cached on disk by content hash, see ``advpurify.export.cache``).
+first sight of each input shape (cached on disk by content hash: ``runtime.onnx_cache``).
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -31,174 +30,23 @@ import torch
 from torch import nn
 
 from advpurify.errors import AdvpurifyError
-
-BACKENDS = ("torch", "torch-compile", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt")
-# Other spellings users reach for; ``onnxruntime`` follows the device in ``classifier_runner``.
-ALIASES = {"onnxruntime": "ort-cpu", "ort": "ort-cpu", "trt": "tensorrt"}
-CHOICES = (*BACKENDS, "auto", *ALIASES)
-AUTO_ORDER = ("tensorrt", "ort-cuda", "ort-cpu")
-PRECISIONS = ("fp32", "fp16")
-_ORT_PROVIDERS = {
-    "ort-cpu": "CPUExecutionProvider",
-    "ort-cuda": "CUDAExecutionProvider",
-    "ort-trt": "TensorrtExecutionProvider",
-}
+from advpurify.runtime.installed import (
+    ALIASES,
+    AUTO_ORDER,
+    BACKENDS,
+    CHOICES,
+    PRECISIONS,
+    BackendError,
+    require,
+    unavailable_reason,
+)
+from advpurify.runtime.ort import ort_session
 
 Notify = Callable[[str], None]
 
 
-class BackendError(AdvpurifyError, RuntimeError):
-    """A backend that is unknown, not installed, or has no device to run on."""
-
-
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
-
-
-# ---------------------------------------------------------------- what is usable on this machine
-
-
-def cuda_missing() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is available (torch.cuda.is_available() is False)"
-    return None
-
-
-def tensorrt_missing() -> str | None:
-    for module, extra in (("tensorrt", "TensorRT"), ("polygraphy", "Polygraphy")):
-        if importlib.util.find_spec(module) is None:
-            return f"{extra} is not installed (pip install 'advpurify[tensorrt]')"
-    return cuda_missing()
-
-
-def unavailable_reason(name: str) -> str | None:
-    """Why backend ``name`` cannot run here (a cheap check), or None when it should."""
-    name = ALIASES.get(name, name)
-    if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r} (backends: {', '.join(CHOICES)})")
-    if name.startswith("torch") or name == "ort-cpu":
-        return None
-    if name == "tensorrt":
-        return tensorrt_missing()
-    import onnxruntime as ort
-
-    provider = _ORT_PROVIDERS[name]
-    if provider not in ort.get_available_providers():
-        return f"onnxruntime {ort.__version__} was built without {provider}"
-    missing = cuda_missing()
-    if missing:
-        return missing
-    if name == "ort-trt" and importlib.util.find_spec("tensorrt") is None:
-        return "TensorRT is not installed (pip install 'advpurify[tensorrt]')"
-    return None
-
-
-def available_backends() -> list[str]:
-    return [name for name in BACKENDS if unavailable_reason(name) is None]
-
-
-def require(name: str) -> None:
-    reason = unavailable_reason(name)
-    if reason:
-        raise BackendError(f"backend {name}: {reason}")
-
-
-# ---------------------------------------------------------------- ONNX Runtime sessions
-
-
-def ort_session(
-    path: Path | str,
-    backend: str = "ort-cpu",
-    *,
-    threads: int | None = None,
-    optimization: str = "all",
-    fp16: bool = False,
-    max_batch: int = 128,
-    opt_batch: int = 16,
-    spin: bool = False,
-):
-    """An ``InferenceSession`` on exactly the provider asked for (checked after creation).
-
-    ``threads``: intra-op threads (default: every core torch uses). ``optimization``: basic,
-    extended or all (graph optimisation level). ``spin``: idle intra-op threads busy-wait for
-    the next operator. Off by default: on a shared 2-core machine, spinning threads took the
-    cores from reader threads and from each other, and GoogLeNet ran 1.5x faster without it
-    (26.8 -> 45.9 img/s, batch 16, same run); on a dedicated machine it is worth a few percent.
-    """
-    import onnxruntime as ort
-
-    backend = {"cpu": "ort-cpu", "cuda": "ort-cuda", "trt": "ort-trt"}.get(backend, backend)
-    require(backend)
-    levels = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }
-    options = ort.SessionOptions()
-    options.graph_optimization_level = levels[optimization]
-    options.intra_op_num_threads = int(threads or torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if not spin:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers: list = []
-    if backend == "ort-trt":
-        from advpurify.export.tensorrt import engine_cache_dir
-
-        cache = engine_cache_dir() / "ort-trt"
-        cache.mkdir(parents=True, exist_ok=True)
-        shapes = _ort_trt_profile(path, opt_batch, max_batch)
-        providers.append(
-            (
-                "TensorrtExecutionProvider",
-                {
-                    "trt_fp16_enable": bool(fp16),
-                    "trt_engine_cache_enable": True,
-                    "trt_engine_cache_path": str(cache),
-                    "trt_timing_cache_enable": True,
-                    "trt_timing_cache_path": str(cache),
-                    **shapes,
-                },
-            )
-        )
-    if backend in ("ort-cuda", "ort-trt"):
-        cuda_options = {"device_id": torch.cuda.current_device()}
-        # ORT works on torch's stream, so torch's writes to the input are ordered before it.
-        cuda_options["user_compute_stream"] = str(torch.cuda.current_stream().cuda_stream)
-        providers.append(("CUDAExecutionProvider", cuda_options))
-    providers.append("CPUExecutionProvider")
-    try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as error:
-        message = f"backend {backend}: onnxruntime could not load {path}: {error}"
-        raise BackendError(message) from None
-    wanted = _ORT_PROVIDERS[backend]
-    if session.get_providers()[0] != wanted:
-        raise BackendError(
-            f"backend {backend}: onnxruntime could not create a session on {wanted} "
-            f"(got {', '.join(session.get_providers())}; CUDA/cuDNN/TensorRT libraries missing?)"
-        )
-    return session
-
-
-def _ort_trt_profile(path: Path | str, opt_batch: int, max_batch: int) -> dict[str, str]:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    first = model.graph.input[0]
-    dims = [d.dim_value for d in first.type.tensor_type.shape.dim][1:]
-    if not all(dims):
-        return {}
-
-    def shape(batch: int) -> str:
-        return f"{first.name}:" + "x".join(str(d) for d in (batch, *dims))
-
-    return {
-        "trt_profile_min_shapes": shape(1),
-        "trt_profile_opt_shapes": shape(opt_batch),
-        "trt_profile_max_shapes": shape(max_batch),
-    }
 
 
 # ---------------------------------------------------------------- the interface
@@ -274,7 +122,7 @@ class _PerShape(Backend):
     def onnx_for(self, sample_shape: Sequence[int]) -> Path:
         if self.onnx_path is not None:
             return self.onnx_path
-        from advpurify.export.cache import cached_onnx
+        from advpurify.runtime.onnx_cache import cached_onnx
 
         assert self.module is not None
         return cached_onnx(
@@ -409,7 +257,7 @@ class TensorRTBackend(_PerShape):
         super().__init__(source, label, notify)
 
     def _make_runner(self, onnx_path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-        from advpurify.export.tensorrt import cached_engine, load_runner
+        from advpurify.runtime.tensorrt import cached_engine, load_runner
 
         if onnx_path.suffix in (".engine", ".plan"):
             engine_path = onnx_path

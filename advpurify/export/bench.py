@@ -3,7 +3,7 @@
 Each configuration runs ``warmup`` untimed batches first (session start-up, engine build, lazy
 allocations, ``torch.compile``), then ``iterations`` timed batches; latency is per batch (p50,
 p95), throughput is images over the timed wall-clock. The end-to-end figure classifies a folder
-with decoding and preprocessing overlapped with inference (``advpurify.engine.classify``) and is
+with decoding and preprocessing overlapped with inference (``advpurify.evaluation.classify``) and is
 compared with the same backend's raw throughput on pre-decoded batches measured in the same run.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from advpurify.engine.backends import Backend, create_backend
 from advpurify.errors import AdvpurifyError
-from advpurify.export.registry import get_exportable
+from advpurify.models.registry import get_exportable
+from advpurify.runtime.backends import Backend, create_backend
 
 Notify = Callable[[str], None]
 
@@ -180,7 +180,7 @@ def bench_eval(
     load from other processes does not decide the ratio. Top-1 uses the WordNet id in each file
     name where there is one.
     """
-    from advpurify.engine.classify import Preprocess, classify_paths, iter_batches
+    from advpurify.evaluation.classify import Preprocess, classify_paths, iter_batches
     from advpurify.images import find_images
 
     paths = find_images(folder)

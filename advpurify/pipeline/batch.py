@@ -24,14 +24,8 @@ import torch
 
 from advpurify import __version__
 from advpurify.errors import AdvpurifyError
-from advpurify.images import (
-    OUTPUT_FORMATS,
-    atomic_write_bytes,
-    encode_image,
-    find_images,
-    load_image,
-    remove_stale_temporaries,
-)
+from advpurify.files import atomic_write_bytes, check_output_outside, remove_stale_temporaries
+from advpurify.images import OUTPUT_FORMATS, encode_image, find_images, load_image
 from advpurify.purifiers.base import Purifier, image_seed
 
 MANIFEST = "manifest.jsonl"
@@ -121,20 +115,6 @@ def check_folders(input_dir: Path, output_dir: Path) -> None:
     check_output_outside(input_dir, output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise AdvpurifyError(f"output {output_dir} exists and is not a folder")
-
-
-def check_output_outside(input_path: Path, output_dir: Path) -> None:
-    """Refuse an output folder equal to or inside an input folder: the input is never touched,
-    and outputs never become inputs of the next run."""
-    input_path, output_dir = Path(input_path), Path(output_dir)
-    if not input_path.is_dir():
-        return
-    inside = output_dir.resolve()
-    if inside == input_path.resolve() or input_path.resolve() in inside.parents:
-        raise AdvpurifyError(
-            f"output folder {output_dir} is inside the input folder {input_path}: "
-            "choose a folder outside it, so the input is never touched"
-        )
 
 
 def output_paths(inputs: list[Path], input_dir: Path, output_dir: Path, fmt: str) -> list[Path]:

@@ -17,13 +17,8 @@ from pathlib import Path
 
 import torch
 
-from advpurify.engine.backends import BackendError, require
-from advpurify.export.cache import discard, file_sha256, record_digest, verified
-from advpurify.paths import cache_home
-
-
-def engine_cache_dir() -> Path:
-    return cache_home() / "engines"
+from advpurify.runtime.installed import BackendError, engine_cache_dir, require
+from advpurify.runtime.onnx_cache import discard, file_sha256, record_digest, verified
 
 
 def _input_dims(onnx_path: Path) -> tuple[str, list[int]]:

@@ -96,7 +96,7 @@ def cached_onnx(
     Exported, checked (ONNX checker + parity with torch on two inputs) and cached on first use;
     later calls reuse the file after checking its digest, and rebuild it if the digest is wrong.
     """
-    from advpurify.export.onnx import DEFAULT_OPSET, check_model, compare_with_torch, export_onnx
+    from advpurify.runtime.onnx import DEFAULT_OPSET, check_model, compare_with_torch, export_onnx
 
     opset = opset or DEFAULT_OPSET
     key = onnx_key(module, sample_shape, opset=opset, fp16=fp16)

@@ -1,0 +1,1 @@
+"""Batch purification of folders: plan, read -> batch -> purify -> write, resume."""
