@@ -33,6 +33,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check advpurify tests benchmarks
 	$(BIN)/ruff format --check advpurify tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
