@@ -1,19 +1,27 @@
 """Files the tool writes: the one atomic write, its temporaries, and the folder checks.
 
 Every output is written to a hidden temporary beside its target and renamed into place, so a
-reader, or a run killed at any instant, sees either no file or the complete file.
+reader, or a run killed at any instant, sees either no file or the complete file. The rename
+replaces a symlink at the target rather than writing through it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from advpurify.errors import AdvpurifyError
 
 TEMP_SUFFIX = ".partial"
+# Exactly the names mkstemp gives our temporaries: ".<target name>.<8 random chars>.partial".
+# A user's own ".notes.partial" does not match, so the cleanup never deletes it.
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + r"$")
 
 # mkstemp creates files readable by the owner only; outputs get the usual umask-based mode.
 _UMASK = os.umask(0)
@@ -21,44 +29,145 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write to a hidden temporary file beside ``path``, then rename it into place.
+def _check_inside(path: Path, root: Path | None) -> None:
+    """Refuse a target whose folder leads out of ``root`` (a symlinked sub-folder)."""
+    if root is None:
+        return
+    folder, top = path.parent.resolve(), Path(root).resolve()
+    if folder != top and top not in folder.parents:
+        raise AdvpurifyError(f"{path}: its folder leads outside {root} (a symlink?); not written")
 
-    A reader, or a run killed at any instant, sees either no file or the complete file.
+
+@contextlib.contextmanager
+def atomic_output(path: Path | str, root: Path | str | None = None) -> Iterator[Path]:
+    """Yield a hidden temporary path beside ``path``; on success it is renamed onto ``path``.
+
+    For writers that need a file name (``torch.save``, safetensors, ONNX export). On any error
+    the temporary is deleted. With ``root``, a target whose folder resolves outside it is refused.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    _check_inside(path, Path(root) if root is not None else None)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    tmp = Path(name)
     try:
         os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        os.close(fd)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            tmp.unlink()
         raise
 
 
+def atomic_write_bytes(path: Path | str, data: bytes, root: Path | str | None = None) -> None:
+    """Write ``data`` to a hidden temporary file beside ``path``, then rename it into place."""
+    with atomic_output(path, root) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+
+
 def remove_stale_temporaries(root: Path | str) -> int:
-    """Delete temporary files left by a run that was killed mid-write; returns how many."""
+    """Delete our temporaries left by a run killed mid-write, under ``root``; returns how many.
+
+    Only names this module creates are touched, and symlinked folders are not entered.
+    """
     removed = 0
-    for tmp in Path(root).rglob(f".*{TEMP_SUFFIX}"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-            removed += 1
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            if _TEMP_NAME.match(name):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
     return removed
 
 
+def sha256_file(path: Path | str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def display_name(path: Path | str) -> str:
+    """A printable form of a file name: undecodable bytes appear as ``\\xe9`` escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
 def check_output_outside(input_path: Path, output_dir: Path) -> None:
-    """Refuse an output folder equal to or inside an input folder: the input is never touched,
-    and outputs never become inputs of the next run."""
+    """Refuse an output folder equal to or inside an input folder, or one holding the input:
+    the input is never touched, and outputs never become inputs of the next run."""
     input_path, output_dir = Path(input_path), Path(output_dir)
-    if not input_path.is_dir():
-        return
-    inside = output_dir.resolve()
-    if inside == input_path.resolve() or input_path.resolve() in inside.parents:
+    source, target = input_path.resolve(), output_dir.resolve()
+    if input_path.is_dir() and _is_within(target, source):
         raise AdvpurifyError(
             f"output folder {output_dir} is inside the input folder {input_path}: "
             "choose a folder outside it, so the input is never touched"
+        )
+    if _is_within(source, target):
+        raise AdvpurifyError(
+            f"input {input_path} is inside the output folder {output_dir}: "
+            "choose an output folder that does not contain the input"
+        )
+
+
+def check_input_folder(input_dir: Path) -> None:
+    input_dir = Path(input_dir)
+    if not input_dir.exists():
+        raise AdvpurifyError(f"input folder {input_dir} does not exist")
+    if not input_dir.is_dir():
+        raise AdvpurifyError(f"input {input_dir} is not a folder")
+
+
+def check_writable_folder(folder: Path | str, what: str = "output folder") -> None:
+    """Create ``folder`` if needed and prove a file can be written in it (a real probe file:
+    permission bits say nothing to root, nor about read-only mounts or full disks)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise AdvpurifyError(f"{what} {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=TEMP_SUFFIX, dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise AdvpurifyError(f"{what} {folder}: not writable ({error.strerror or error})") from None
+
+
+def check_writable_file(path: Path | str, what: str = "output file") -> None:
+    """Refuse an output file that cannot be written: checked before the work that makes it."""
+    path = Path(path)
+    if path.is_dir():
+        raise AdvpurifyError(f"{what} {path} is a folder; name a file")
+    check_writable_folder(path.parent, f"folder of {what} {path}")
+
+
+def settings_changes(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """``"name: old -> new"`` for every setting of ``wanted`` that ``stored`` records otherwise."""
+    return [
+        f"{key}: {stored.get(key)!r} -> {wanted[key]!r}"
+        for key in wanted
+        if stored.get(key) != wanted[key]
+    ]
+
+
+def refuse_other_settings(
+    folder: Path | str,
+    stored: Mapping[str, Any],
+    wanted: Mapping[str, Any],
+    error: type[AdvpurifyError] = AdvpurifyError,
+) -> None:
+    """A resume must use the settings the folder's results were made with."""
+    changes = settings_changes(stored, wanted)
+    changes += [f"{key}: {stored[key]!r} -> (none)" for key in stored if key not in wanted]
+    if changes:
+        raise error(
+            f"{folder} holds results made with other settings ({', '.join(changes)}); "
+            "use --overwrite to redo them, or another output folder"
         )

@@ -20,7 +20,7 @@ import torch
 
 from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.dataset import to_float, to_uint8
-from advpurify.files import atomic_write_bytes
+from advpurify.files import atomic_write_bytes, refuse_other_settings
 from advpurify.images import load_image, save_image
 
 
@@ -41,15 +41,7 @@ class Stage:
             stored = json.loads(config_path.read_text())
             if stored != self.config:
                 if not overwrite:
-                    changed = sorted(
-                        k
-                        for k in set(stored) | set(self.config)
-                        if stored.get(k) != self.config.get(k)
-                    )
-                    raise StageMismatchError(
-                        f"{self.folder} holds results made with other settings "
-                        f"({', '.join(changed)} differ); use another output folder or --overwrite"
-                    )
+                    refuse_other_settings(self.folder, stored, self.config, StageMismatchError)
                 shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         if not config_path.is_file():

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advpurify.errors import AdvpurifyError
+from advpurify.errors import AdvpurifyError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -208,7 +208,7 @@ def _download_torchvision(name: str, weights_enum: Any) -> dict[str, torch.Tenso
     try:
         return weights_enum.get_state_dict(progress=False, check_hash=True)
     except (OSError, RuntimeError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         file_name = url.rsplit("/", 1)[-1]
         raise ClassifierError(
             f"{name} weights are not cached in {torch_hub_checkpoints()} and downloading {url} "
@@ -282,7 +282,7 @@ def _timm(name: str, weights: str | None) -> Classifier:
     except ClassifierError:
         raise
     except (OSError, RuntimeError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = first_line(error)
         raise ClassifierError(
             f"timm:{name} pretrained weights could not be loaded ({reason[:200]}); pass "
             f"--weights PATH, or run once with internet access so the Hugging Face cache has them"

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from advpurify.errors import first_line
 from advpurify.models.registry import register_exportable
 from advpurify.weights import torch7
 from advpurify.weights.registry import Source, WeightsError, register_source
@@ -228,8 +229,9 @@ def load_generator(spec: str, device: str | torch.device = "cpu") -> Generator:
     try:
         generator = generator_from_state_dict(state)
     except (ValueError, RuntimeError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise WeightsError(f"{spec}: not a context encoder generator ({first})") from None
+        raise WeightsError(
+            f"{spec}: not a context encoder generator ({first_line(error)})"
+        ) from None
     return generator.to(device).eval()
 
 

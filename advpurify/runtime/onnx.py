@@ -17,8 +17,6 @@ import contextlib
 import copy
 import dataclasses
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -26,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from advpurify.errors import AdvpurifyError
+from advpurify.errors import AdvpurifyError, first_line
+from advpurify.files import atomic_output
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"
@@ -107,18 +106,9 @@ def export_onnx(
     if dynamic_batch and example.shape[0] < 2:
         # torch.export specialises a batch of 1 to a constant: trace with two samples.
         example = example.expand(2, *example.shape[1:]).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_output(path) as tmp:
         exporter = _export_to(module, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
         _add_metadata(tmp, {"advpurify.exporter": exporter, **(metadata or {})})
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     return path
 
 
@@ -147,7 +137,7 @@ def _export_to(
                 )
             return f"torch.export (torch {torch.__version__})"
         except Exception as error:  # the legacy exporter traces more Python than torch.export
-            errors.append(f"torch.export: {_first_line(error)}")
+            errors.append(f"torch.export: {first_line(error)}")
         try:
             axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
             with warnings.catch_warnings():
@@ -164,13 +154,8 @@ def _export_to(
                 )
             return f"torchscript (torch {torch.__version__})"
         except Exception as error:
-            errors.append(f"torchscript: {_first_line(error)}")
+            errors.append(f"torchscript: {first_line(error)}")
     raise ExportError(f"{type(module).__name__} could not be exported: " + "; ".join(errors))
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _add_metadata(path: Path, values: dict[str, str]) -> None:
@@ -197,7 +182,7 @@ def check_model(path: Path | str) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as error:
-        raise ExportError(f"{path}: ONNX checker failed: {_first_line(error)}") from None
+        raise ExportError(f"{path}: ONNX checker failed: {first_line(error)}") from None
 
 
 def default_tolerance(reference: torch.Tensor, fp16: bool) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from advpurify.files import sha256_file
 from advpurify.paths import cache_home
 
 _LOCK = threading.Lock()
@@ -37,21 +38,13 @@ def module_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
 def record_digest(path: Path) -> str:
     """Write ``path``'s sha256 beside it (after the file is complete) and return it."""
-    value = file_sha256(path)
+    value = sha256_file(path)
     _sidecar(path).write_text(value + "\n")
     return value
 
@@ -61,7 +54,7 @@ def verified(path: Path) -> bool:
     side = _sidecar(path)
     if not path.is_file() or not side.is_file():
         return False
-    return side.read_text().strip() == file_sha256(path)
+    return side.read_text().strip() == sha256_file(path)
 
 
 def discard(path: Path) -> None:

@@ -10,15 +10,14 @@ whose bytes no longer match is rebuilt, never deserialized.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from advpurify.files import atomic_write_bytes, sha256_file
 from advpurify.runtime.installed import BackendError, engine_cache_dir, require
-from advpurify.runtime.onnx_cache import discard, file_sha256, record_digest, verified
+from advpurify.runtime.onnx_cache import discard, record_digest, verified
 
 
 def _input_dims(onnx_path: Path) -> tuple[str, list[int]]:
@@ -36,7 +35,7 @@ def engine_key(onnx_path: Path, *, fp16: bool, opt_batch: int, max_batch: int) -
     import tensorrt as trt
 
     digest = hashlib.sha256()
-    digest.update(file_sha256(onnx_path).encode())
+    digest.update(sha256_file(onnx_path).encode())
     digest.update(f"|gpu={torch.cuda.get_device_name()}|trt={trt.__version__}".encode())
     precision = "fp16" if fp16 else "fp32"
     digest.update(f"|precision={precision}|batch=1,{opt_batch},{max_batch}".encode())
@@ -84,13 +83,7 @@ def build_engine(
         raise BackendError(message) from None
     if data is None:
         raise BackendError(f"TensorRT could not build an engine from {onnx_path}")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{engine_path.name}.", suffix=".partial", dir=engine_path.parent
-    )
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(bytes(data))
-    os.replace(tmp, engine_path)
+    atomic_write_bytes(engine_path, bytes(data))
     return engine_path
 
 

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import signal
 import sys
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable
@@ -31,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from advpurify.errors import AdvpurifyError
-from advpurify.files import check_output_outside
+from advpurify.files import atomic_output, check_output_outside
 from advpurify.images import ImageDecodeError, find_images, load_image, save_image
 from advpurify.models.context_encoder import (
     CENTER,
@@ -185,16 +183,8 @@ def centre_of(images: torch.Tensor) -> torch.Tensor:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file beside ``path``, then an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

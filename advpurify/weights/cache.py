@@ -11,13 +11,11 @@ so a reader never sees a half-written file.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from advpurify.files import atomic_output
 from advpurify.paths import cache_home
 from advpurify.weights.registry import WeightsError, group_of, sources_for
 
@@ -86,20 +84,6 @@ def save_state_dict(
     target = cached_path(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{model}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_output(target) as tmp:
         save_file(tensors, tmp, metadata=metadata or {})
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
-
-
-def file_digest(path: Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advpurify.files import atomic_output, sha256_file
 from advpurify.weights.caffe import fit_blob, read_caffemodel
 from advpurify.weights.prototxt import Message, read_prototxt
 from advpurify.weights.registry import WeightsError
@@ -291,12 +292,9 @@ def convert_caffe(
     Every layer whose type carries weights must find them in the caffemodel; the file is
     written only when all are present. Returns (number of blobs, path).
     """
-    import os
-    import tempfile
 
     from safetensors.torch import save_file
 
-    from advpurify.weights.cache import file_digest
     from advpurify.weights.caffe import blobs_state_dict
 
     output = Path(output)
@@ -317,19 +315,12 @@ def convert_caffe(
     if not wanted:
         raise WeightsError(f"{caffemodel}: none of the prototxt's layers has weights")
     state = {k: v for k, v in blobs_state_dict(model).items() if k.rpartition(".")[0] in wanted}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    try:
-        metadata = {
-            "format": "caffe blobs: <layer>.<index>, 0 = weights, 1 = bias",
-            "prototxt": Path(prototxt).name,
-            "caffemodel": Path(caffemodel).name,
-            "caffemodel_sha256": file_digest(Path(caffemodel)),
-        }
+    metadata = {
+        "format": "caffe blobs: <layer>.<index>, 0 = weights, 1 = bias",
+        "prototxt": Path(prototxt).name,
+        "caffemodel": Path(caffemodel).name,
+        "caffemodel_sha256": sha256_file(caffemodel),
+    }
+    with atomic_output(output) as tmp:
         save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return len(state), output

@@ -9,7 +9,6 @@ partial never reaches the cache.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -18,6 +17,7 @@ import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
 
+from advpurify.files import sha256_file
 from advpurify.weights.registry import WeightsError
 
 CHUNK = 1 << 16
@@ -52,11 +52,7 @@ def verify_file(
     for algorithm, expected in (("sha256", sha256), ("sha1", sha1)):
         if expected is None:
             continue
-        digest = hashlib.new(algorithm)
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-        found = digest.hexdigest()
+        found = sha256_file(path, algorithm)
         if found != expected.lower():
             raise ChecksumError(f"{label}: {algorithm} {found}, expected {expected.lower()}")
 

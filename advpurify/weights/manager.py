@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from advpurify.files import sha256_file
 from advpurify.weights import cache
 from advpurify.weights.download import ChecksumError, download, verify_file
 from advpurify.weights.registry import (
@@ -42,7 +43,7 @@ def _install(source: Source, path: Path) -> Path:
         "source": source.name,
         "format": source.format,
         "file": path.name,
-        "sha256": cache.file_digest(path, "sha256"),
+        "sha256": sha256_file(path),
     }
     return cache.save_state_dict(source.model, state, metadata)
 
