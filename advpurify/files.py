@@ -46,8 +46,10 @@ def atomic_output(path: Path | str, root: Path | str | None = None) -> Iterator[
     the temporary is deleted. With ``root``, a target whose folder resolves outside it is refused.
     """
     path = Path(path)
+    top = Path(root) if root is not None else None
+    _check_inside(path, top)  # before mkdir, which would follow a symlinked folder
     path.parent.mkdir(parents=True, exist_ok=True)
-    _check_inside(path, Path(root) if root is not None else None)
+    _check_inside(path, top)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     tmp = Path(name)
     try:

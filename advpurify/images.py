@@ -15,6 +15,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -24,6 +25,9 @@ from advpurify.files import atomic_write_bytes
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 OUTPUT_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 BACKGROUNDS = {"white": 1.0, "black": 0.0}
+# The default per-image limit: 64 megapixels (a 9248 x 6936 photograph) decode to 768 MB as
+# float32 RGB. Below Pillow's own decompression-bomb warning (89 megapixels).
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 # OpenCV decodes these with their full bit depth; Pillow reduces 16-bit colour to 8 bits.
@@ -56,27 +60,57 @@ def find_images(root: Path | str) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def load_image(path: Path | str, background: str = "white") -> torch.Tensor:
-    """Decode any supported image file into a float32 RGB ``3 x H x W`` tensor in ``[0, 1]``."""
+def check_background(background: str) -> None:
+    if background not in BACKGROUNDS:
+        raise AdvpurifyError(f"--background {background!r}: use white or black")
+
+
+def check_max_pixels(max_pixels: int) -> None:
+    if max_pixels < 1:
+        raise AdvpurifyError(f"--max-image-pixels {max_pixels}: must be at least 1")
+
+
+def image_size(path: Path | str) -> tuple[int, int] | None:
+    """``(width, height)`` from the file's header alone (nothing decoded); None where it cannot
+    be read (decoding the file then reports why)."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - any unreadable file: decoding names the reason
+        return None
+
+
+def load_image(
+    path: Path | str, background: str = "white", max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> torch.Tensor:
+    """Decode any supported image file into a float32 RGB ``3 x H x W`` tensor in ``[0, 1]``.
+
+    An image above ``max_pixels`` (from its header) is refused before it is decoded.
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as error:
         raise ImageDecodeError(path, f"cannot read file ({error.strerror or error})") from None
-    return decode_image(data, path, background)
+    return decode_image(data, path, background, max_pixels)
 
 
 def decode_image(
-    data: bytes, path: Path | str = "<bytes>", background: str = "white"
+    data: bytes,
+    path: Path | str = "<bytes>",
+    background: str = "white",
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> torch.Tensor:
     path = Path(path)
-    if background not in BACKGROUNDS:
-        raise AdvpurifyError(f"background {background!r}: use white or black")
+    check_background(background)
     if not data:
         raise ImageDecodeError(path, "empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            _check_size(img.size, max_pixels)
             img.load()  # decode everything now, so truncation is caught here
+            if img.format == "JPEG":
+                _check_jpeg_data(data, img.mode)
             orientation = img.getexif().get(0x0112, 1)
             array = None
             if path.suffix.lower() in _DEEP_FORMATS:
@@ -88,6 +122,8 @@ def decode_image(
         raise ImageDecodeError(
             path, f"not a recognised image (file starts with {head!r})"
         ) from None
+    except _TooLarge as error:
+        raise ImageDecodeError(path, f"refused: {error}") from None
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(path, f"refused: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
@@ -95,6 +131,30 @@ def decode_image(
     rgb = _composite(array, BACKGROUNDS[background])
     rgb = _apply_orientation(rgb, orientation)
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+
+class _TooLarge(ValueError):
+    pass
+
+
+def _check_size(size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise _TooLarge(
+            f"{width} x {height} = {width * height} pixels is above the per-image limit of "
+            f"{max_pixels} (--max-image-pixels)"
+        )
+
+
+def _check_jpeg_data(data: bytes, mode: str) -> None:
+    """Pillow decodes a JPEG whose entropy data is corrupt without complaint (libjpeg only warns
+    and fills the rest grey); libjpeg-turbo through simplejpeg with ``strict`` turns those
+    warnings into errors. Decoded at 1/8 scale: every coefficient is still read and checked."""
+    colorspace = {"L": "GRAY", "CMYK": "CMYK"}.get(mode, "RGB")
+    try:
+        simplejpeg.decode_jpeg(data, colorspace, strict=True, min_height=1, min_width=1)
+    except ValueError as error:
+        raise ValueError(f"libjpeg: {error}") from None
 
 
 def _pil_to_float(img: Image.Image) -> np.ndarray:
@@ -156,7 +216,8 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     """``3 x H x W`` float tensor in [0, 1] -> ``H x W x 3`` uint8 array (rounded, clipped)."""
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a 3 x H x W image, got shape {tuple(image.shape)}")
-    scaled = image.detach().to("cpu", torch.float32).clamp(0, 1).mul(255).round()
+    # One temporary, scaled in place: outputs of tens of megapixels are common.
+    scaled = image.detach().to("cpu", torch.float32).clamp(0, 1).mul_(255).round_()
     return scaled.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
 
 

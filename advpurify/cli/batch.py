@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 import typer
@@ -18,12 +20,15 @@ from rich.progress import (
 from rich.table import Table
 
 from advpurify.devices import resolve_device
+from advpurify.files import check_writable_folder, display_name
+from advpurify.images import MAX_IMAGE_PIXELS
 from advpurify.pipeline.batch import (
     PipelineOptions,
     Record,
     RunPlan,
     RunSummary,
     Shard,
+    check_finite_assignments,
     check_folders,
     default_output_dir,
     execute,
@@ -54,6 +59,12 @@ def batch(
     overwrite: bool = typer.Option(False, help="Redo outputs that exist, even with new settings."),
     shard: str = typer.Option("0/1", help="Process shard i of n (i/n): for many machines."),
     background: str = typer.Option("white", help="Colour transparent pixels become: white|black."),
+    max_image_pixels: int = typer.Option(
+        MAX_IMAGE_PIXELS, help="An image above this many pixels fails alone, before decoding."
+    ),
+    pixel_budget: int = typer.Option(
+        MAX_IMAGE_PIXELS, help="Decoded pixels in flight at once (bounds memory)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Purify every image in a folder into a mirrored output folder (resumable)."""
@@ -69,13 +80,28 @@ def batch(
         overwrite=overwrite,
         shard=Shard.parse(shard),
         background=background,
+        max_image_pixels=max_image_pixels,
+        pixel_budget=pixel_budget,
     )
     options.check()
+    check_finite_assignments(param)
     purifier = create(method, device=resolve_device(device), **parse_assignments(param))
     plan = plan_run(input_dir, output, purifier, options)
     summary = _run_with_progress(plan, quiet)
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
+
+
+def _first_interrupt_stops(stop: threading.Event) -> None:
+    """The first Ctrl-C stops after the batch on the device (outputs finish, the manifest stays
+    whole); a second one stops at once."""
+
+    def handler(signum, frame) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
 
 
 def _run_with_progress(plan: RunPlan, quiet: bool) -> RunSummary:
@@ -94,16 +120,28 @@ def _run_with_progress(plan: RunPlan, quiet: bool) -> RunSummary:
 
         def on_progress(record: Record) -> None:
             if record.status == "failed":
-                progress.console.print(f"[red]failed[/red] {record.input}: {record.reason}")
+                name = display_name(record.input)
+                progress.console.print(f"[red]failed[/red] {name}: {record.reason}", markup=False)
             progress.advance(task)
             elapsed = progress.tasks[0].elapsed or 0.0
             done = progress.tasks[0].completed
             progress.update(task, rate=done / elapsed if elapsed else 0.0)
 
-        return execute(plan, on_progress)
+        stop = threading.Event()
+        previous = signal.getsignal(signal.SIGINT)
+        _first_interrupt_stops(stop)
+        try:
+            return execute(plan, on_progress, stop)
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, previous)
 
 
 def _print_summary(summary: RunSummary) -> None:
+    if summary.interrupted:
+        finished = summary.done + summary.skipped
+        err_console.print(f"interrupted: {finished} done, rerun the same command to resume")
+        return
     table = Table(title=f"purified into {summary.output_dir}")
     for column in ("done", "skipped", "failed", "seconds", "images/s"):
         table.add_column(column, justify="right")
@@ -115,6 +153,13 @@ def _print_summary(summary: RunSummary) -> None:
         f"{summary.images_per_second:.1f}",
     )
     err_console.print(table)
+    if summary.stopped:
+        err_console.print(
+            f"error: stopped early: {summary.stopped}; {summary.untouched} of {summary.planned} "
+            "images left untouched: fix it and rerun the same command to resume",
+            markup=False,
+            soft_wrap=True,
+        )
     if summary.failures:
         # Each failure was printed as it happened; the manifest keeps them all.
         err_console.print(f"{summary.failed} failed: see {summary.output_dir / 'manifest.jsonl'}")
@@ -152,6 +197,7 @@ def samples(
     """Write real sample photographs (shipped in scikit-image and matplotlib) as PNG files."""
     from advpurify.samples import write_sample_photos
 
+    check_writable_folder(folder)
     paths = write_sample_photos(folder)
     err_console.print(f"{len(paths)} sample photographs in {folder}")
 

@@ -144,7 +144,9 @@ def parse_params(cls: type[Purifier], values: Mapping[str, Any]) -> dict[str, An
 
 def image_seed(base_seed: int, key: str) -> int:
     """A per-image seed from the run's seed and the image's relative path: stable across runs."""
-    return (zlib.crc32(key.encode("utf-8")) ^ (base_seed * 0x9E3779B1)) & 0x7FFFFFFF
+    return (
+        zlib.crc32(key.encode("utf-8", "surrogateescape")) ^ (base_seed * 0x9E3779B1)
+    ) & 0x7FFFFFFF
 
 
 def generators(seeds: Iterable[int], device: torch.device) -> list[torch.Generator]:

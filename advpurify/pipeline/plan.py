@@ -1,0 +1,267 @@
+"""The plan of a batch run, independent of the engine that executes it (local threads, Ray).
+
+Everything that can be checked is checked here, before any image is decoded: the options, the
+folders (disjoint both ways, writable, no symlinked control files), the output names (unique),
+the settings recorded in ``run.json`` (finite, and the same as a previous run's for a resume).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from advpurify import __version__
+from advpurify.errors import AdvpurifyError
+from advpurify.files import (
+    atomic_write_bytes,
+    check_input_folder,
+    check_output_outside,
+    check_writable_folder,
+    display_name,
+    refuse_other_settings,
+    remove_stale_temporaries,
+)
+from advpurify.images import (
+    MAX_IMAGE_PIXELS,
+    OUTPUT_FORMATS,
+    check_background,
+    check_max_pixels,
+    find_images,
+)
+from advpurify.pipeline.lock import LOCK_FILE, OutputLock
+from advpurify.purifiers.base import Purifier
+
+MANIFEST = "manifest.jsonl"
+RUN_FILE = "run.json"
+CONTROL_FILES = (MANIFEST, RUN_FILE, LOCK_FILE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Image ``k`` belongs to shard ``index`` of ``count`` when ``k % count == index``."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise AdvpurifyError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+        if count < 1 or not 0 <= index < count:
+            raise AdvpurifyError(f"--shard {text!r}: need 0 <= i < n")
+        return cls(index, count)
+
+
+@dataclasses.dataclass
+class PipelineOptions:
+    batch_size: int = 16
+    workers: int = 2
+    fmt: str = "png"
+    quality: int = 95
+    seed: int = 0
+    overwrite: bool = False
+    shard: Shard = Shard()
+    background: str = "white"
+    # One image above this fails alone, from its header, before it is decoded.
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    # Decoded pixels in flight at once (an image larger than the budget runs alone).
+    pixel_budget: int = MAX_IMAGE_PIXELS
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise AdvpurifyError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.workers < 1:
+            raise AdvpurifyError(f"--workers {self.workers}: must be at least 1")
+        if self.fmt not in OUTPUT_FORMATS:
+            raise AdvpurifyError(f"--format {self.fmt!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+        if not 1 <= self.quality <= 100:
+            raise AdvpurifyError(f"--quality {self.quality}: must be in 1..100")
+        check_background(self.background)
+        check_max_pixels(self.max_image_pixels)
+        if self.pixel_budget < 1:
+            raise AdvpurifyError(f"--pixel-budget {self.pixel_budget}: must be at least 1")
+
+    @property
+    def read_ahead(self) -> int:
+        """Reads in flight: a whole batch plus two per reader, so decoding overlaps the device
+        (the pixel budget bounds it further)."""
+        return self.batch_size + 2 * self.workers
+
+    @property
+    def max_in_flight(self) -> int:
+        """Decoded images alive at once: reads ahead, partial batches (< batch_size before a
+        flush), one batch on the device, and what the writers still hold."""
+        return self.read_ahead + 2 * self.batch_size + 2 * self.workers
+
+
+@dataclasses.dataclass
+class WorkItem:
+    """One image to purify: where it comes from, where it goes, its seed."""
+
+    source: Path
+    target: Path
+    seed: int
+    pixels: int | None = None  # from the header, read when the item is admitted
+    started: float = 0.0  # when its read was submitted (the manifest's seconds)
+
+
+@dataclasses.dataclass
+class RunPlan:
+    """A checked run: settings recorded in ``run.json``, the images of this shard listed."""
+
+    input_dir: Path
+    output_dir: Path
+    purifier: Purifier
+    options: PipelineOptions
+    pairs: list[tuple[Path, Path]]  # (input file, output file)
+    lock: OutputLock | None = None
+
+    def close(self) -> None:
+        """Release the output folder's lock (the engine calls this when the run ends)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def default_output_dir(input_dir: Path, method: str) -> Path:
+    """A sibling of the input folder: ``photos`` -> ``photos-purified-rescale``."""
+    input_dir = Path(input_dir).resolve()
+    return input_dir.parent / f"{input_dir.name}-purified-{method}"
+
+
+def check_folders(input_dir: Path, output_dir: Path) -> None:
+    """The input exists; input and output are disjoint both ways; the output is a folder whose
+    control files are not symlinks (they would be written through)."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    check_input_folder(input_dir)
+    check_output_outside(input_dir, output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise AdvpurifyError(f"output {output_dir} exists and is not a folder")
+    for name in CONTROL_FILES:
+        if (output_dir / name).is_symlink():
+            raise AdvpurifyError(
+                f"{output_dir / name} is a symlink: refusing to write through it; remove it"
+            )
+
+
+def output_paths(inputs: list[Path], input_dir: Path, output_dir: Path, fmt: str) -> list[Path]:
+    """Mirror the input tree; the extension becomes the output format's (``a.jpg`` -> ``a.png``).
+
+    Where two inputs would land on one output (``a.jpg`` and ``a.png``), both keep their
+    original extension in front of the new one (``a.jpg.png``, ``a.png.png``). A name still
+    shared after that (``a.jpg.png`` is also an input) is refused, naming both inputs.
+    """
+    ext = OUTPUT_FORMATS[fmt]
+    relative = [p.relative_to(input_dir) for p in inputs]
+    plain = [r.with_suffix(ext) for r in relative]
+    counts: dict[Path, int] = {}
+    for p in plain:
+        counts[p] = counts.get(p, 0) + 1
+    names = [
+        r.parent / (r.name + ext) if counts[p] > 1 else p
+        for r, p in zip(relative, plain, strict=True)
+    ]
+    owner: dict[Path, Path] = {}
+    for source, name in zip(relative, names, strict=True):
+        if name in owner:
+            first, second = display_name(owner[name]), display_name(source)
+            raise AdvpurifyError(
+                f"inputs {first} and {second} would both be written to {display_name(name)}: "
+                "rename one of them"
+            )
+        owner[name] = source
+    return [output_dir / name for name in names]
+
+
+def check_finite(config: Any, where: str = "") -> None:
+    """Refuse NaN and infinity anywhere in the settings: they fail every image and cannot be
+    compared on a resume (NaN != NaN)."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            check_finite(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(config, list | tuple):
+        for value in config:
+            check_finite(value, where)
+    elif isinstance(config, float) and not math.isfinite(config):
+        raise AdvpurifyError(f"{where or 'setting'}={config}: must be a finite number")
+
+
+def check_finite_assignments(items: list[str]) -> None:
+    """``-p name=value`` strings: refuse ``nan``/``inf`` before any purifier is built (the
+    typed settings check their ranges; NaN passes every range comparison)."""
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if not math.isfinite(number):
+            raise AdvpurifyError(f"-p {item}: {name.strip()} must be a finite number")
+
+
+def run_config(purifier: Purifier, options: PipelineOptions) -> dict[str, Any]:
+    """The settings that decide the outputs' bytes: recorded in ``run.json``."""
+    config = {
+        **purifier.config(),
+        "format": options.fmt,
+        "quality": options.quality if options.fmt != "png" else None,
+        "seed": options.seed,
+        "background": options.background,
+    }
+    check_finite(config)
+    return config
+
+
+def prepare_run_file(output_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
+    """Record what produced the outputs; a resume with other settings is refused."""
+    run_file = output_dir / RUN_FILE
+    if run_file.exists() and not overwrite:
+        try:
+            previous = json.loads(run_file.read_text())
+        except (OSError, ValueError) as error:
+            raise AdvpurifyError(f"{run_file}: unreadable ({error}); use --overwrite") from None
+        stored = {k: v for k, v in previous.items() if k != "version"}
+        refuse_other_settings(output_dir, stored, config)
+    body = dict(config, version=__version__)
+    text = json.dumps(body, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write_bytes(run_file, text.encode())
+
+
+def plan_run(
+    input_dir: Path | str,
+    output_dir: Path | str,
+    purifier: Purifier,
+    options: PipelineOptions | None = None,
+) -> RunPlan:
+    """Check everything that can be checked before any image is touched, and lock the output.
+
+    The returned plan holds the output folder's lock: run it (``execute``) or ``close()`` it.
+    """
+    options = options or PipelineOptions()
+    options.check()
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    check_folders(input_dir, output_dir)
+    config = run_config(purifier, options)
+    inputs = find_images(input_dir)
+    if not inputs:
+        raise AdvpurifyError(f"input folder {input_dir}: no image files found")
+    targets = output_paths(inputs, input_dir, output_dir, options.fmt)
+    pairs = [
+        (src, dst)
+        for k, (src, dst) in enumerate(zip(inputs, targets, strict=True))
+        if k % options.shard.count == options.shard.index
+    ]
+    check_writable_folder(output_dir)
+    lock = OutputLock.acquire(output_dir)
+    try:
+        prepare_run_file(output_dir, config, options.overwrite)
+        remove_stale_temporaries(output_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return RunPlan(input_dir, output_dir, purifier, options, pairs, lock)
