@@ -1,5 +1,7 @@
 """Errors a user can act on: the CLI prints them as one line and exits 1, no traceback."""
 
+import pickle
+
 
 class AdvpurifyError(Exception):
     """Bad input or a missing resource, explained in one line that names what and why."""
@@ -10,3 +12,15 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     (torch, onnx, libjpeg) often run to many lines that bury the reason."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0].strip() if lines else ''}"[:limit]
+
+
+def load_error(error: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one line. Its own message
+    for a pickled object runs to a dozen lines and suggests ``weights_only=False``, which would
+    run whatever code the file carries."""
+    if isinstance(error, pickle.UnpicklingError):
+        return (
+            "it holds pickled Python objects, not only tensors: refused, since loading them "
+            "could run code (save a plain state dict or .safetensors instead)"
+        )
+    return first_line(error)

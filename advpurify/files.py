@@ -127,27 +127,35 @@ def check_input_folder(input_dir: Path) -> None:
         raise AdvpurifyError(f"input {input_dir} is not a folder")
 
 
-def check_writable_folder(folder: Path | str, what: str = "output folder") -> None:
-    """Create ``folder`` if needed and prove a file can be written in it (a real probe file:
-    permission bits say nothing to root, nor about read-only mounts or full disks)."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise AdvpurifyError(f"{what} {folder} exists and is not a folder")
+def _probe_writable(folder: Path, label: str) -> None:
+    """Prove a file can be written in ``folder``, or in its nearest existing ancestor when it
+    does not exist yet (nothing is created): a real probe file, since permission bits say
+    nothing to root, nor about read-only mounts."""
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AdvpurifyError(f"{label}: {existing} is a file, not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=TEMP_SUFFIX, dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=TEMP_SUFFIX, dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        raise AdvpurifyError(f"{what} {folder}: not writable ({error.strerror or error})") from None
+        reason = error.strerror or error
+        raise AdvpurifyError(f"{label}: cannot write in {existing} ({reason})") from None
+
+
+def check_writable_folder(folder: Path | str, what: str = "output folder") -> None:
+    """Refuse an output folder that cannot be written, before the work that fills it."""
+    _probe_writable(Path(folder), f"{what} {folder}")
 
 
 def check_writable_file(path: Path | str, what: str = "output file") -> None:
-    """Refuse an output file that cannot be written: checked before the work that makes it."""
+    """Refuse an output file that cannot be written, before the work that makes it."""
     path = Path(path)
     if path.is_dir():
         raise AdvpurifyError(f"{what} {path} is a folder; name a file")
-    check_writable_folder(path.parent, f"folder of {what} {path}")
+    _probe_writable(path.parent, f"{what} {path}")
 
 
 def settings_changes(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:

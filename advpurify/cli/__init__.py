@@ -6,8 +6,13 @@ import sys
 
 import typer
 
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older typer, on click itself
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
 from advpurify.cli import batch, evaluate, export, train, weights
-from advpurify.cli.errors import wrap_commands
+from advpurify.cli.errors import describe, wrap_commands
 from advpurify.errors import AdvpurifyError
 
 app = typer.Typer(
@@ -23,11 +28,27 @@ wrap_commands(app)
 
 
 def _run(make_app) -> None:
+    """Run a typer app with one-line errors: click's usage errors (a bad option value) print
+    as ``error: ...`` with exit code 1 instead of a boxed usage screen and code 2."""
     try:
-        make_app()()
-    except AdvpurifyError as error:  # a backstop: commands already report their own
-        print(f"error: {error}", file=sys.stderr)
+        code = make_app()(standalone_mode=False)
+    except NoArgsIsHelpError as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except UsageError as error:
+        hint = f" (see {error.ctx.command_path} --help)" if error.ctx is not None else ""
+        print(f"error: {describe(error.format_message())}{hint}", file=sys.stderr)
         sys.exit(1)
+    except typer.Abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except ClickException as error:
+        print(f"error: {describe(error.format_message())}", file=sys.stderr)
+        sys.exit(1)
+    except AdvpurifyError as error:  # a backstop: commands already report their own
+        print(f"error: {describe(error)}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def main() -> None:

@@ -1,4 +1,8 @@
-"""Turn :class:`AdvpurifyError` into one line on stderr and exit code 1, for every command."""
+"""Every error from the CLI is one line on stderr and exit code 1, for every command.
+
+:class:`AdvpurifyError` (bad input, explained by the library), an ``OSError`` (a file that
+cannot be read or written) and click's usage errors (a bad option) all end up here.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,23 @@ import sys
 import typer
 
 from advpurify.errors import AdvpurifyError
+from advpurify.files import display_name
+
+
+def one_line(message: object) -> str:
+    """The message with its lines joined: a terminal, a log grep and a test see one line."""
+    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{display_name(error.filename)}: {error.strerror or error}"
+    return one_line(error)
+
+
+def fail(error: BaseException) -> typer.Exit:
+    print(f"error: {describe(error)}", file=sys.stderr)
+    return typer.Exit(1)
 
 
 def _guarded(callback):
@@ -15,9 +36,8 @@ def _guarded(callback):
     def wrapper(*args, **kwargs):
         try:
             return callback(*args, **kwargs)
-        except AdvpurifyError as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise typer.Exit(1) from None
+        except (AdvpurifyError, OSError) as error:
+            raise fail(error) from None
 
     return wrapper
 

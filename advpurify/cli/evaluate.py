@@ -8,6 +8,9 @@ from pathlib import Path
 
 import typer
 
+from advpurify import checks
+from advpurify.files import check_writable_file, check_writable_folder
+
 CLASSIFIER_HELP = "googlenet, efficientnet-lite0, timm:NAME or torchvision:NAME"
 
 
@@ -55,6 +58,7 @@ def attack_command(
     from advpurify.evaluation.attack_folder import JPEG_WARNING, attack_folder
 
     config = AttackConfig(attack, eps, steps, step_size, random_start).resolved()
+    check_writable_folder(output)
     if format.lower() in ("jpg", "jpeg"):
         format = "jpg"
         _err(f"warning: {JPEG_WARNING}")
@@ -111,6 +115,9 @@ def eval_command(
     """Top-1/3/5 accuracy of a classifier on a folder of images."""
     from advpurify.evaluation.accuracy import evaluate_folder
 
+    for path, option in ((json_path, "--json"), (csv_path, "--csv")):
+        if path is not None:
+            check_writable_file(path, f"{option} file")
     _check_labels(labels)
     loaded = _load(classifier, backend, device, weights)
     result = evaluate_folder(directory, loaded, labels, batch_size, reference=reference)
@@ -171,6 +178,15 @@ def experiment_command(
     from advpurify.evaluation.report import markdown_table
 
     method_list = parse_methods(methods)
+    checks.not_empty("--methods", method_list, methods)
+    checks.at_least("--grid", grid, 0)
+    checks.at_least("--adaptive-n", adaptive_n, 1)
+    checks.at_least("--adaptive-steps", adaptive_steps, 1)
+    if adaptive:
+        checks.at_least("--eot", eot, 1)
+    if limit is not None:
+        checks.at_least("--limit", limit, 1)
+    check_writable_folder(output, "report folder")
     config = ExperimentConfig(
         data=data,
         out=output,

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import typer
 
+from advpurify import checks
 from advpurify.errors import AdvpurifyError
+from advpurify.files import check_writable_file
+
+# 4096 images of 3 x 224 x 224 float32 are 2.5 GB of input alone: beyond it, a typo.
+MAX_BENCH_BATCH = 4096
 
 
 def _note(message: str) -> None:
@@ -85,6 +90,7 @@ def export_command(
         return
     if output is None:
         raise AdvpurifyError("--output/-o FILE.onnx (or FILE.engine) is required")
+    check_writable_file(output, "--output file")
     common = dict(
         opset=opset,
         batch=_parse_batch(batch),
@@ -145,6 +151,12 @@ def bench_command(
 
     from advpurify.export.bench import bench, bench_eval
 
+    for size in [*batch_size, eval_batch_size]:
+        checks.in_range("--batch-size", size, 1, MAX_BENCH_BATCH)
+    if threads is not None:
+        checks.at_least("--threads", threads, 1)
+    if json_file is not None:
+        check_writable_file(json_file, "--json file")
     console = Console()
     results = bench(
         model,

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+from advpurify import checks
+from advpurify.files import check_writable_file
+
 train_app = typer.Typer(
     help="Train the generative models the purifiers use.",
     no_args_is_help=True,
@@ -41,6 +44,14 @@ def context_encoder(
     """Train a Context Encoder (Pathak et al. 2016) with the published recipe."""
     from advpurify.train.context_encoder import TrainConfig, train
 
+    checks.at_least("--steps", steps, 1)
+    checks.at_least("--batch-size", batch_size, 1)
+    checks.positive("--lr", lr)
+    checks.positive("--g-lr-mult", g_lr_mult)
+    checks.in_range("--min-crop", min_crop, 0.01, 1.0)
+    checks.at_least("--checkpoint-every", checkpoint_every, 1)
+    checks.at_least("--sample-every", sample_every, 0)
+    check_writable_file(output, "checkpoint")
     result = train(
         TrainConfig(
             data=data,

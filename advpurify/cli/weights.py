@@ -64,8 +64,10 @@ def convert_command(
     output: Path = typer.Option(..., "--output", "-o", help="FILE.safetensors to write."),
 ) -> None:
     """Any Caffe model's blobs as safetensors, keyed <layer name>.<blob index> (0 = weights)."""
+    from advpurify.files import check_writable_file
     from advpurify.weights.caffe_net import convert_caffe
 
+    check_writable_file(output, "--output file")
     count, path = convert_caffe(prototxt, caffemodel, output)
     console.print(f"{count} blobs -> {path}")
 

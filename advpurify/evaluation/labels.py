@@ -65,7 +65,8 @@ def read_labels_csv(csv_path: Path) -> dict[str, int]:
     if not csv_path.is_file():
         raise LabelError(f"labels file {csv_path}: not found")
     labels: dict[str, int] = {}
-    with csv_path.open(newline="", encoding="utf-8") as handle:
+    # surrogateescape: a file name that is not UTF-8 keeps its bytes and matches the file.
+    with csv_path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
         for line_no, row in enumerate(csv.reader(handle), start=1):
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advpurify.errors import AdvpurifyError, first_line
+from advpurify.errors import AdvpurifyError, first_line, load_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -118,7 +118,9 @@ def load_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any decoding failure is the file's fault
-        raise ClassifierError(f"weights file {path}: cannot be read ({error})") from None
+        raise ClassifierError(
+            f"weights file {path}: cannot be read ({load_error(error)})"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
             state = state[key]

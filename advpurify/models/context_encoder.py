@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advpurify.errors import first_line
+from advpurify.errors import first_line, load_error
 from advpurify.models.registry import register_exportable
 from advpurify.weights import torch7
 from advpurify.weights.registry import Source, WeightsError, register_source
@@ -208,7 +208,9 @@ def load_generator(spec: str, device: str | torch.device = "cpu") -> Generator:
             try:
                 loaded = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as error:  # pickle, zip and unpickler errors all mean "unreadable"
-                raise WeightsError(f"{path}: not a readable checkpoint ({error})") from None
+                raise WeightsError(
+                    f"{path}: not a readable checkpoint ({load_error(error)})"
+                ) from None
             state = loaded.get("G", loaded) if isinstance(loaded, dict) else None
             if not isinstance(state, dict):
                 raise WeightsError(f"{path}: not a context encoder checkpoint")

@@ -257,6 +257,7 @@ def plan_run(
         if k % options.shard.count == options.shard.index
     ]
     check_writable_folder(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     lock = OutputLock.acquire(output_dir)
     try:
         prepare_run_file(output_dir, config, options.overwrite)

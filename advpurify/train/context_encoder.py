@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from advpurify.errors import AdvpurifyError
+from advpurify.errors import AdvpurifyError, load_error
 from advpurify.files import atomic_output, check_output_outside
 from advpurify.images import ImageDecodeError, find_images, load_image, save_image
 from advpurify.models.context_encoder import (
@@ -191,7 +191,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # zip, pickle and unpickler errors all mean "unreadable"
-        raise TrainError(f"{path}: not a readable checkpoint ({error})") from None
+        raise TrainError(f"{path}: not a readable checkpoint ({load_error(error)})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainError(f"{path}: not a context encoder training checkpoint")
     return state

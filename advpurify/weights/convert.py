@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from advpurify.errors import load_error
 from advpurify.weights.caffe import fit_blob, read_caffemodel
 from advpurify.weights.registry import WeightsError
 
@@ -46,7 +47,9 @@ def read_any(path: Path) -> tuple[dict[str, torch.Tensor], set[str]]:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise WeightsError(f"{path}: not a readable PyTorch state dict ({error})") from None
+            raise WeightsError(
+                f"{path}: not a readable PyTorch state dict ({load_error(error)})"
+            ) from None
         if isinstance(loaded, Mapping) and "state_dict" in loaded:
             loaded = loaded["state_dict"]
         if not isinstance(loaded, Mapping):

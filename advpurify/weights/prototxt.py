@@ -112,6 +112,10 @@ def read_prototxt(path: Path | str) -> Message:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise WeightsError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise WeightsError(
+            f"{path}: not a text prototxt (not UTF-8 at byte {error.start})"
+        ) from None
     try:
         return parse_prototxt(text)
     except (PrototxtError, IndexError) as error:

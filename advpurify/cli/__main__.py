@@ -1,0 +1,5 @@
+"""``python -m advpurify.cli``: the same as the ``advpurify`` program."""
+
+from advpurify.cli import main
+
+main()
