@@ -180,7 +180,9 @@ def test_memory_stays_bounded_on_a_large_folder(tmp_path: Path) -> None:
     summary = run_pipeline(src, tmp_path / "out", create("bitdepth"), options)
     assert summary.done == 600
     # Reads ahead (a batch + 2 per reader), partial batches, one batch on the device, writers.
-    bound = (options.batch_size + 2 * options.workers) + 2 * options.batch_size + 2 * options.workers
+    bound = (
+        (options.batch_size + 2 * options.workers) + 2 * options.batch_size + 2 * options.workers
+    )
     assert 0 < summary.max_in_flight <= bound
 
 

@@ -211,10 +211,11 @@ class LocalRunner:
                 else:
                     break
                 if batch:
+                    self._submit_reads(readers)  # keep the readers busy while the device works
                     self._purify(batch, writers)
-            if self._halted():
-                return self._abandon()
-        return self.late_untouched
+            abandoned = self._abandon() if self._halted() else 0
+        # The writers have finished here: what they skipped after the stop is counted too.
+        return abandoned + self.late_untouched
 
     def _abandon(self) -> int:
         """Stop early: cancel reads; what was never written is untouched (not in the manifest;

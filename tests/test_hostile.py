@@ -1,0 +1,488 @@
+"""The batch tool under hostile input (issue 11): one test per reproduced failure, and a
+property test over generated folders. Small synthetic images keep the file fast."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from advpurify.cli import main as cli_main
+from advpurify.errors import AdvpurifyError
+from advpurify.images import ImageDecodeError, decode_image, load_image
+from advpurify.pipeline import local, manifest
+from advpurify.pipeline.batch import (
+    LOCK_FILE,
+    MANIFEST,
+    PipelineOptions,
+    Record,
+    run_pipeline,
+)
+from advpurify.pipeline.manifest import ManifestWriter
+from advpurify.purifiers import create
+from advpurify.purifiers.base import Purifier
+
+BIN = Path(sys.executable).parent
+
+
+def _png(size: tuple[int, int] = (24, 16), seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(size: tuple[int, int] = (64, 48), seed: int = 0) -> bytes:
+    # Smooth content: a real scan of many MCUs, as a photograph has.
+    y, x = np.mgrid[0 : size[1], 0 : size[0]]
+    base = (np.sin(x / 5.0 + seed) + np.cos(y / 7.0)) * 60 + 128
+    pixels = np.stack([base, base[::-1], base[:, ::-1]], axis=2).clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _records(out: Path) -> list[dict]:
+    text = (out / MANIFEST).read_bytes()
+    assert text == b"" or text.endswith(b"\n"), "the manifest ends in half a line"
+    return [json.loads(line) for line in text.decode("ascii").splitlines()]
+
+
+def _digest(root: Path) -> dict[str, str]:
+    found = {}
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            key = os.fsencode(path.relative_to(root)).hex()
+            found[key] = (
+                "link" if path.is_symlink() else hashlib.sha256(path.read_bytes()).hexdigest()
+            )
+    return found
+
+
+def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """The installed entry point in this process: exit code and stderr."""
+    monkeypatch.setattr(sys, "argv", ["advpurify", *args])
+    with pytest.raises(SystemExit) as exited:
+        cli_main()
+    return exited.value.code, capsys.readouterr().err
+
+
+# 1 ---------------------------------------------------------------------------------------
+def test_undecodable_file_name_is_purified_and_recorded_losslessly(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "ok.png").write_bytes(_png())
+    latin1 = os.fsencode(src) + b"/caf\xe9.png"
+    with open(latin1, "wb") as handle:
+        handle.write(_png(seed=1))
+    summary = run_pipeline(src, tmp_path / "out", create("bitdepth"))
+    assert (summary.done, summary.failed) == (2, 0)
+    inputs = {os.fsencode(record["input"]) for record in _records(tmp_path / "out")}
+    assert latin1 in inputs  # the exact bytes come back from the manifest
+    assert os.path.exists(os.fsencode(tmp_path / "out") + b"/caf\xe9.png")
+
+
+# 2 ---------------------------------------------------------------------------------------
+def test_input_inside_output_is_refused_and_user_files_are_kept(tmp_path: Path) -> None:
+    outer = tmp_path / "io2"
+    (outer / "in").mkdir(parents=True)
+    (outer / "in" / "p.png").write_bytes(_png())
+    before = _digest(outer)
+    for overwrite in (False, True):
+        with pytest.raises(AdvpurifyError, match="inside the output folder"):
+            options = PipelineOptions(overwrite=overwrite)
+            run_pipeline(outer / "in", outer, create("bitdepth"), options)
+    assert _digest(outer) == before
+    # The stale-temporary cleanup deletes only the names it creates.
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    (src / "p.png").write_bytes(_png())
+    out.mkdir()
+    (out / ".notes.partial").write_text("mine")
+    (out / ".p.png.abcd1234.partial").write_bytes(b"half an image")  # ours, left by a kill
+    run_pipeline(src, out, create("bitdepth"))
+    assert (out / ".notes.partial").read_text() == "mine"
+    assert not (out / ".p.png.abcd1234.partial").exists()
+
+
+# 3 ---------------------------------------------------------------------------------------
+def test_output_name_collision_is_refused_up_front_with_both_names(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.jpg", "a.png", "a.jpg.png"):
+        (src / name).write_bytes(_png())
+    with pytest.raises(AdvpurifyError, match=r"a\.jpg and a\.jpg\.png would both be written"):
+        run_pipeline(src, tmp_path / "out", create("bitdepth"))
+    assert not (tmp_path / "out").exists()
+
+
+# 4 ---------------------------------------------------------------------------------------
+def test_a_full_disk_stops_the_run_and_every_image_is_counted(tmp_path, monkeypatch) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(40):
+        (src / f"{k:02d}.png").write_bytes(_png(seed=k))
+    real_write, writes = local.atomic_write_bytes, []
+
+    def write_until_full(path, data, root=None):
+        writes.append(path)
+        if len(writes) > 11:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data, root)
+
+    monkeypatch.setattr(local, "atomic_write_bytes", write_until_full)
+    options = PipelineOptions(batch_size=4, workers=1)
+    summary = run_pipeline(src, tmp_path / "out", create("bitdepth"), options)
+    assert summary.stopped and "disk full" in summary.stopped and summary.exit_code == 1
+    assert summary.done == 11 and summary.failed < 29 and summary.untouched > 0
+    assert summary.done + summary.failed + summary.skipped + summary.untouched == 40
+    records = _records(tmp_path / "out")
+    assert len(records) == summary.done + summary.failed  # the untouched are left for a rerun
+    monkeypatch.setattr(local, "atomic_write_bytes", real_write)
+    again = run_pipeline(src, tmp_path / "out", create("bitdepth"), options)
+    assert (again.skipped, again.done, again.failed) == (11, 29, 0)
+
+
+def test_the_manifest_never_keeps_half_a_line(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / MANIFEST
+    path.write_bytes(b'{"input": "a", "status": "done"}\n{"input": "b", "sta')  # an old crash
+    writer = ManifestWriter(path, truncate=False)
+    real_write, calls = os.write, []
+
+    def short_then_fail(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, data[: len(data) // 2])  # the disk filled mid-line
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(manifest.os, "write", short_then_fail)
+    writer.add(Record("c.png", "c.png", "done"))
+    writer.close()
+    assert [r["input"] for r in _records(tmp_path)] == ["a", "c.png"]
+
+    writer = ManifestWriter(path, truncate=False)
+    monkeypatch.setattr(
+        manifest.os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+    )
+    with pytest.raises(AdvpurifyError, match="cannot record d.png"):
+        writer.add(Record("d.png", None, "failed"))
+    writer.close()
+    assert [r["input"] for r in _records(tmp_path)] == ["a", "c.png"]
+
+
+# 5 ---------------------------------------------------------------------------------------
+def test_symlinks_in_the_output_are_never_written_through(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "top.png").write_bytes(_png())
+    (src / "sub" / "p.png").write_bytes(_png(seed=2))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST).symlink_to(victim)
+    for overwrite in (False, True):
+        with pytest.raises(AdvpurifyError, match="symlink"):
+            run_pipeline(src, out, create("bitdepth"), PipelineOptions(overwrite=overwrite))
+    assert victim.read_text() == "precious\n"
+
+    pout = tmp_path / "pout"
+    pout.mkdir()
+    (pout / "sub").symlink_to(src / "sub")  # would land the output inside the input
+    before = _digest(src)
+    for overwrite in (False, True):
+        summary = run_pipeline(src, pout, create("bitdepth"), PipelineOptions(overwrite=overwrite))
+        assert summary.done == 1 and summary.failed == 1
+        assert "leads outside" in summary.failures[0].reason
+    assert _digest(src) == before
+
+
+# 6 ---------------------------------------------------------------------------------------
+def test_decoded_pixels_in_flight_stay_within_the_budget(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(12):
+        (src / f"{k:02d}.png").write_bytes(_png((100, 100), seed=k))  # 10,000 pixels each
+    (src / "huge.png").write_bytes(_png((400, 300)))  # 120,000 pixels: above the limit
+    options = PipelineOptions(
+        batch_size=8, workers=2, pixel_budget=30_000, max_image_pixels=100_000
+    )
+    summary = run_pipeline(src, tmp_path / "out", create("bitdepth"), options)
+    assert (summary.done, summary.failed) == (12, 1)
+    assert "400 x 300 = 120000 pixels is above the per-image limit" in summary.failures[0].reason
+    assert 0 < summary.max_pixels_in_flight <= 30_000
+    # An image above the budget but within the limit runs alone.
+    alone = PipelineOptions(pixel_budget=5_000, max_image_pixels=200_000)
+    summary = run_pipeline(src, tmp_path / "out2", create("bitdepth"), alone)
+    assert summary.done == 13 and summary.max_in_flight == 1
+
+
+def test_load_image_refuses_a_huge_image_from_its_header(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    Image.new("L", (3000, 2000)).save(path)
+    with pytest.raises(ImageDecodeError, match="above the per-image limit"):
+        load_image(path, max_pixels=5_000_000)
+    assert load_image(path, max_pixels=6_000_000).shape == (3, 2000, 3000)
+
+
+# 7 ---------------------------------------------------------------------------------------
+def test_a_jpeg_with_corrupt_entropy_data_fails(tmp_path: Path) -> None:
+    good = _jpeg((256, 192))
+    data = bytearray(good)
+    middle = len(data) // 2
+    data[middle : middle + 300] = np.random.default_rng(1).integers(0, 256, 300, np.uint8).tobytes()
+    with Image.open(io.BytesIO(bytes(data))) as img:
+        img.load()  # Pillow alone accepts it: libjpeg only warns and fills the rest grey
+    with pytest.raises(ImageDecodeError, match="Corrupt JPEG data"):
+        decode_image(bytes(data), "corrupt.jpg")
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "corrupt.jpg").write_bytes(bytes(data))
+    (src / "good.jpg").write_bytes(good)
+    summary = run_pipeline(src, tmp_path / "out", create("bitdepth"))
+    assert (summary.done, summary.failed) == (1, 1)
+    assert not (tmp_path / "out" / "corrupt.png").exists()
+
+
+# 8 ---------------------------------------------------------------------------------------
+def test_non_finite_settings_are_refused_and_never_recorded(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(_png())
+    for method, name in (("rescale", "factor"), ("randpad", "max_scale"), ("tvm", "eps")):
+        with pytest.raises(AdvpurifyError, match="finite"):
+            run_pipeline(src, tmp_path / "out", create(method, **{name: "nan"}))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(AdvpurifyError, match="background 'pink'"):
+        run_pipeline(src, tmp_path / "out", create("rescale"), PipelineOptions(background="pink"))
+    assert not (tmp_path / "out").exists()
+
+
+# 9, 10 -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hostile")
+    (root / "imgs").mkdir()
+    (root / "imgs" / "a.png").write_bytes(_png())
+    (root / "empty").mkdir()
+    (root / "afile").write_text("a file, not a folder\n")
+    (root / "bad.prototxt").write_bytes(b'name: "caf\xe9"\n')
+    torch.save({"model": object()}, root / "evil.pt")
+    return root
+
+
+HOSTILE_COMMANDS = [
+    ("batch {r}/imgs -m rescale -p factor=nan -o {r}/o", "factor must be a finite number"),
+    ("batch {r}/imgs -m rescale --background pink -o {r}/o", "--background 'pink'"),
+    ("batch {r}/imgs -m rescale -o {r}/afile/out", "is a file, not a folder"),
+    ("batch {r}/empty -m rescale -o {r}/o", "no image files found"),
+    ("batch {r}/imgs -m rescale --batch-size x -o {r}/o", "Invalid value for '--batch-size'"),
+    ("samples {r}/afile/photos", "is a file, not a folder"),
+    ("experiment --data {r}/imgs -o {r}/o --methods ,,", "--methods ',,': names nothing"),
+    ("experiment --data {r}/imgs -o {r}/o --adaptive-steps 0", "--adaptive-steps 0"),
+    ("experiment --data {r}/imgs -o {r}/o --eot 0 --adaptive", "--eot 0"),
+    ("experiment --data {r}/imgs -o {r}/o --grid -5", "--grid -5"),
+    ("experiment --data {r}/imgs -o {r}/afile/report", "is a file, not a folder"),
+    ("train context-encoder --data {r}/imgs -o {r}/ce.pt --checkpoint-every 0", "--checkpoint"),
+    ("train context-encoder --data {r}/imgs -o {r}/ce.pt --lr nan", "--lr nan"),
+    ("train context-encoder --data {r}/imgs -o {r}/afile/ce.pt", "is a file, not a folder"),
+    ("bench --batch-size 1000000 --weights random", "--batch-size 1000000"),
+    ("bench --weights random --json {r}/afile/b.json", "is a file, not a folder"),
+    ("export googlenet --weights random -o {r}/imgs", "is a folder; name a file"),
+    ("export googlenet --weights random -o {r}/afile/g.onnx", "is a file, not a folder"),
+    ("eval {r}/imgs --json {r}/afile/e.json", "is a file, not a folder"),
+    ("weights convert {r}/bad.prototxt {r}/evil.pt -o {r}/w.safetensors", "not UTF-8"),
+    ("weights convert {r}/bad.prototxt {r}/evil.pt -o {r}/afile/w.st", "not a folder"),
+    ("eval {r}/imgs --weights {r}/evil.pt", "pickled Python objects"),
+]
+
+
+@pytest.mark.parametrize(("command", "reason"), HOSTILE_COMMANDS)
+def test_cli_errors_are_one_line_and_come_first(
+    hostile: Path, command: str, reason: str, monkeypatch, capsys
+) -> None:
+    code, err = _cli(monkeypatch, capsys, *command.format(r=hostile).split())
+    assert code == 1
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert reason in err
+    assert not (hostile / "o").exists() and not (hostile / "ce.pt").exists()
+
+
+def test_labels_csv_with_undecodable_names_matches_the_files(tmp_path: Path) -> None:
+    from advpurify.evaluation.labels import read_labels_csv
+
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_bytes(b"path,label\ncaf\xe9.jpg,5\n")
+    labels = read_labels_csv(csv_path)
+    assert labels == {os.fsdecode(b"caf\xe9.jpg"): 5}
+
+
+# 11 --------------------------------------------------------------------------------------
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(_png())
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"pid": holder.pid, "host": socket.gethostname()}
+        (out / LOCK_FILE).write_text(json.dumps(lock))
+        with pytest.raises(AdvpurifyError, match=f"in use by another run \\(pid {holder.pid} on"):
+            run_pipeline(src, out, create("bitdepth"))
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = run_pipeline(src, out, create("bitdepth"))  # the owner is dead: taken over
+    assert summary.done == 1 and not (out / LOCK_FILE).exists()
+
+
+# Ctrl-C ----------------------------------------------------------------------------------
+def test_ctrl_c_prints_one_line_and_a_rerun_resumes(tmp_path: Path, sample_paths) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for path in sample_paths[:40]:
+        (src / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "out"
+    command = [str(BIN / "purify-batch"), str(src), "-m", "median", "-o", str(out)]
+    command += ["--batch-size", "2", "--workers", "1", "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (out / MANIFEST).exists() and (out / MANIFEST).read_bytes().count(b"\n") >= 4:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    lines = err.decode().strip().splitlines()
+    assert process.returncode == 130, err
+    assert len(lines) == 1 and lines[0].startswith("interrupted: ")
+    assert lines[0].endswith(" done, rerun the same command to resume")
+    done = int(lines[0].split()[1])
+    assert 4 <= done < 40 and len(_records(out)) == done
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(list(out.glob("*.png"))) == 40
+
+
+# Issue 12, item 9 ------------------------------------------------------------------------
+class _SlowDevice(Purifier):
+    """Records how many images were already decoded beyond each batch while it "runs"."""
+
+    name = "test-slow-device"
+
+    def __init__(self, decoded: list[int]) -> None:
+        super().__init__()
+        self.decoded, self.given, self.ahead = decoded, 0, []
+
+    def purify(self, images, seeds):
+        self.given += len(images)
+        time.sleep(0.3)  # the device is busy: the readers should keep decoding meanwhile
+        self.ahead.append(len(self.decoded) - self.given)
+        return images
+
+
+def test_reads_run_a_batch_ahead_while_the_device_works(tmp_path: Path, monkeypatch) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(40):
+        (src / f"{k:02d}.png").write_bytes(_png(seed=k))
+    decoded: list[int] = []
+    real_load = local.load_image
+
+    def counting_load(*args, **kwargs):
+        image = real_load(*args, **kwargs)
+        decoded.append(1)
+        return image
+
+    monkeypatch.setattr(local, "load_image", counting_load)
+    purifier = _SlowDevice(decoded)
+    options = PipelineOptions(batch_size=8, workers=2)
+    run_pipeline(src, tmp_path / "out", purifier, options)
+    assert max(purifier.ahead) >= options.batch_size + 2 * options.workers
+
+
+# The property ----------------------------------------------------------------------------
+ENTRY = st.sampled_from(
+    ["good", "jpeg", "corrupt", "truncated", "latin1", "collide", "collide3", "link"]
+)
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+@given(entries=st.lists(ENTRY, min_size=1, max_size=7), link_output=st.booleans())
+def test_every_planned_image_is_recorded_once_and_nothing_outside_changes(
+    entries: list[str], link_output: bool
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        src, out, elsewhere = root / "in", root / "out", root / "elsewhere"
+        (src / "sub").mkdir(parents=True)
+        elsewhere.mkdir()
+        (elsewhere / "outside.png").write_bytes(_png(seed=99))
+        for k, kind in enumerate(entries):
+            folder = src / "sub" if k % 2 else src
+            if kind == "good":
+                (folder / f"g{k}.png").write_bytes(_png(seed=k))
+            elif kind == "jpeg":
+                (folder / f"j{k}.jpg").write_bytes(_jpeg(seed=k))
+            elif kind == "corrupt":
+                (folder / f"c{k}.jpg").write_bytes(b"\xff\xd8\xff" + os.urandom(64))
+            elif kind == "truncated":
+                (folder / f"t{k}.png").write_bytes(_png(seed=k)[:60])
+            elif kind == "latin1":
+                with open(os.fsencode(folder) + b"/l%d\xe9.png" % k, "wb") as handle:
+                    handle.write(_png(seed=k))
+            elif kind in ("collide", "collide3"):
+                (folder / f"x{k}.jpg").write_bytes(_jpeg(seed=k))
+                (folder / f"x{k}.png").write_bytes(_png(seed=k))
+                if kind == "collide3":  # x.jpg -> x.jpg.png, which is also an input's name
+                    (folder / f"x{k}.jpg.png").write_bytes(_png(seed=k + 1))
+            else:
+                (folder / f"s{k}.png").symlink_to(elsewhere / "outside.png")
+        if link_output:
+            out.mkdir()
+            (out / "sub").symlink_to(elsewhere)
+        outside = {"in": _digest(src), "elsewhere": _digest(elsewhere)}
+        options = PipelineOptions(batch_size=3, workers=2)
+        if "collide3" in entries:  # refused up front, naming both inputs: nothing written
+            with pytest.raises(AdvpurifyError, match="would both be written"):
+                run_pipeline(src, out, create("bitdepth"), options)
+            assert not (out / MANIFEST).exists()
+            assert {"in": _digest(src), "elsewhere": _digest(elsewhere)} == outside
+            return
+        first = run_pipeline(src, out, create("bitdepth"), options)
+        records = _records(out)
+        inputs = [os.fsencode(r["input"]) for r in records]
+        assert len(inputs) == len(set(inputs)) == first.planned  # each planned image once
+        assert {r["status"] for r in records} <= {"done", "failed"}
+        assert first.done + first.failed + first.skipped + first.untouched == first.planned
+        assert {"in": _digest(src), "elsewhere": _digest(elsewhere)} == outside
+        outputs = {k: v for k, v in _digest(out).items() if not bytes.fromhex(k).startswith(b"run")}
+        outputs.pop(os.fsencode(MANIFEST).hex())
+
+        again = run_pipeline(src, out, create("bitdepth"), options)
+        assert (again.skipped, again.done, again.failed) == (first.done, 0, first.failed)
+        rerun = {k: v for k, v in _digest(out).items() if not bytes.fromhex(k).startswith(b"run")}
+        rerun.pop(os.fsencode(MANIFEST).hex())
+        assert rerun == outputs  # a rerun changes nothing
+        assert {"in": _digest(src), "elsewhere": _digest(elsewhere)} == outside
