@@ -115,6 +115,8 @@ def decode_image(
             array = None
             if path.suffix.lower() in _DEEP_FORMATS:
                 array = _decode_deep(data)
+            if array is None and img.mode in ("RGB", "L") and "transparency" not in img.info:
+                return _uint8_to_tensor(img, orientation)
             if array is None:
                 array = _pil_to_float(img)
     except UnidentifiedImageError:
@@ -155,6 +157,17 @@ def _check_jpeg_data(data: bytes, mode: str) -> None:
         simplejpeg.decode_jpeg(data, colorspace, strict=True, min_height=1, min_width=1)
     except ValueError as error:
         raise ValueError(f"libjpeg: {error}") from None
+
+
+def _uint8_to_tensor(img: Image.Image, orientation: int) -> torch.Tensor:
+    """8-bit RGB or grey without alpha (most photographs): oriented and laid out as
+    ``3 x H x W`` while still 8-bit, then one float32 allocation scaled in place, a quarter of
+    the float temporaries of the general path (the same values: one float32 division)."""
+    array = np.asarray(img.convert("RGB") if img.mode == "L" else img)
+    # Writable and C-ordered for torch (Pillow hands out a read-only buffer).
+    array = np.require(_apply_orientation(array, orientation), requirements=["C", "W"])
+    chw = torch.from_numpy(array).permute(2, 0, 1)
+    return torch.empty(chw.shape, dtype=torch.float32).copy_(chw).div_(255.0)
 
 
 def _pil_to_float(img: Image.Image) -> np.ndarray:

@@ -176,6 +176,7 @@ def test_failed_write_cleans_up_and_stale_temporaries_are_removed(tmp_path: Path
     with pytest.raises(TypeError):
         atomic_write_bytes(tmp_path / "x.png", object())  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
-    (tmp_path / ".x.png.abc123.partial").write_bytes(b"half")
+    (tmp_path / ".x.png.abc12345.partial").write_bytes(b"half")  # as mkstemp names them
+    (tmp_path / ".notes.partial").write_text("a user file")  # not ours: kept
     assert remove_stale_temporaries(tmp_path) == 1
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".notes.partial"]

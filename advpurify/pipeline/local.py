@@ -53,11 +53,29 @@ class _Budget:
             summary.max_pixels_in_flight = max(summary.max_pixels_in_flight, self.held_pixels)
             return True
 
-    def give(self, pixels: int) -> None:
+    def give(self, pixels: int, images: int = 1) -> None:
         with self._changed:
-            self.held_images -= 1
+            self.held_images -= images
             self.held_pixels -= pixels
             self._changed.notify_all()
+
+
+class _BatchRelease:
+    """The purified images of a batch are views of one tensor, which lives until the last of
+    them is written: their budget is given back then, all at once."""
+
+    def __init__(self, budget: _Budget, items: list[WorkItem]) -> None:
+        self.budget, self.count = budget, len(items)
+        self.pixels = sum(item.pixels or 0 for item in items)
+        self.left = self.count
+        self._lock = threading.Lock()
+
+    def one_written(self) -> None:
+        with self._lock:
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            self.budget.give(self.pixels, self.count)
 
     def wait(self, timeout: float = 0.1) -> None:
         with self._changed:
@@ -166,10 +184,11 @@ class LocalRunner:
             for item in items:
                 self._fail(item, reason)
             return
+        release = _BatchRelease(self.budget, items)
         for item, image in zip(items, purified, strict=True):
-            writers.submit(self._write, item, image)
+            writers.submit(self._write, item, image, release)
 
-    def _write(self, item: WorkItem, image: torch.Tensor) -> None:
+    def _write(self, item: WorkItem, image: torch.Tensor, release: _BatchRelease) -> None:
         try:
             if self.recorder.stopping:
                 with self._late_lock:
@@ -186,7 +205,8 @@ class LocalRunner:
                 Record(str(item.source), None, "failed", reason=f"write failed: {error}")
             )
         finally:
-            self.budget.give(item.pixels or 0)
+            del image
+            release.one_written()
 
     # --------------------------------------------------------------------------- the loop
 
