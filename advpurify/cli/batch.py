@@ -23,6 +23,7 @@ from advpurify.devices import resolve_device
 from advpurify.files import check_writable_folder, display_name
 from advpurify.images import MAX_IMAGE_PIXELS
 from advpurify.pipeline.batch import (
+    PIXEL_BUDGET,
     PipelineOptions,
     Record,
     RunPlan,
@@ -63,7 +64,7 @@ def batch(
         MAX_IMAGE_PIXELS, help="An image above this many pixels fails alone, before decoding."
     ),
     pixel_budget: int = typer.Option(
-        MAX_IMAGE_PIXELS, help="Decoded pixels in flight at once (bounds memory)."
+        PIXEL_BUDGET, help="Decoded pixels in flight at once (bounds memory)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:

@@ -24,6 +24,7 @@ from advpurify.pipeline.manifest import (
 )
 from advpurify.pipeline.plan import (
     MANIFEST,
+    PIXEL_BUDGET,
     RUN_FILE,
     PipelineOptions,
     RunPlan,
@@ -43,6 +44,7 @@ from advpurify.purifiers.base import Purifier
 __all__ = [
     "LOCK_FILE",
     "MANIFEST",
+    "PIXEL_BUDGET",
     "RUN_FILE",
     "LocalRunner",
     "ManifestError",

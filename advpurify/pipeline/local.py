@@ -59,6 +59,10 @@ class _Budget:
             self.held_pixels -= pixels
             self._changed.notify_all()
 
+    def wait(self, timeout: float = 0.1) -> None:
+        with self._changed:
+            self._changed.wait(timeout)
+
 
 class _BatchRelease:
     """The purified images of a batch are views of one tensor, which lives until the last of
@@ -76,10 +80,6 @@ class _BatchRelease:
             last = self.left == 0
         if last:
             self.budget.give(self.pixels, self.count)
-
-    def wait(self, timeout: float = 0.1) -> None:
-        with self._changed:
-            self._changed.wait(timeout)
 
 
 class LocalRunner:
@@ -174,7 +174,10 @@ class LocalRunner:
         self.buffered -= len(batch)
         items = [item for item, _ in batch]
         try:
-            images = torch.stack([image for _, image in batch]).to(self.purifier.device)
+            # A batch of one is a view, not a copy: a single huge image is not held twice.
+            stacked = batch[0][1][None] if len(batch) == 1 else torch.stack([i for _, i in batch])
+            images = stacked.to(self.purifier.device)
+            del stacked
             batch.clear()  # the decoded inputs are no longer needed: free them now
             # No no_grad/inference_mode here: DIP and PPGN need autograd inside purify().
             purified = self.purifier(images, [item.seed for item in items]).detach().cpu()

@@ -37,6 +37,9 @@ from advpurify.purifiers.base import Purifier
 MANIFEST = "manifest.jsonl"
 RUN_FILE = "run.json"
 CONTROL_FILES = (MANIFEST, RUN_FILE, LOCK_FILE)
+# Decoded pixels in flight: 32 megapixels are 384 MB per float32 RGB copy; a batch is held in
+# about three copies at its peak (decoded, purified, being encoded). See docs/batch.md.
+PIXEL_BUDGET = 32_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +73,7 @@ class PipelineOptions:
     # One image above this fails alone, from its header, before it is decoded.
     max_image_pixels: int = MAX_IMAGE_PIXELS
     # Decoded pixels in flight at once (an image larger than the budget runs alone).
-    pixel_budget: int = MAX_IMAGE_PIXELS
+    pixel_budget: int = PIXEL_BUDGET
 
     def check(self) -> None:
         if self.batch_size < 1:
