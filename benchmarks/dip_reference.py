@@ -1,7 +1,8 @@
 """The DIP fitter as it was before the per-image state object and the flat Adam (issue 15).
 
-Kept verbatim (renamed, and its nets set to the convolution kernels of the time) so that ``benchmarks/bench_dip.py`` measures the speed-up against
-it in one process and ``tests/test_dip.py`` checks the new fitter gives bit-identical outputs.
+Kept verbatim (renamed, its nets set to the convolution kernels of the time) so that
+``benchmarks/bench_dip.py`` measures the speed-up against it in one process and
+``tests/test_dip.py`` checks that the new fitter gives bit-identical outputs.
 """
 
 from __future__ import annotations
