@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from advpurify.attacks import eot_seeds, loss_gradient
 from advpurify.models.skipnet import SkipConfig, SkipNet, reflect_pad_slices, upsample2x
 from advpurify.purifiers import ParamError, create, method_class
 from advpurify.purifiers.dip import PRESETS, DipSettings, fit, pad_to_multiple
@@ -218,6 +219,25 @@ def test_same_outputs_as_the_reference_fitter(small_real_images: torch.Tensor, o
     old = _reference_fitter()(images, [4, 5, 6], settings, None)
     assert torch.equal(new.images, old.images)
     assert (new.iterations, new.restores) == (old.iterations, old.restores)
+
+
+def test_under_bpda_and_eot_with_the_attackers_seeds(small_real_images: torch.Tensor) -> None:
+    # An adaptive attack through DIP: forward through a fit drawn from the attacker's own seeds
+    # (never the defence's), backward as the identity, averaged over the EOT draws.
+    images, labels = small_real_images[:2], torch.tensor([1, 2])
+    purifier = create("dip", preset="tiny", iterations="5", scales="3", input_depth="4")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 5))
+    grad = loss_gradient(model, images, labels, purifier=purifier, seeds=[7, 8], eot=2, step=3)
+    expected = torch.zeros_like(images)
+    for draw in range(2):
+        seeds = eot_seeds([7, 8], 3, draw)
+        assert not set(seeds) & {7, 8}
+        purified = purifier(images, seeds).requires_grad_()
+        loss = F.cross_entropy(model(purified), labels, reduction="sum")
+        expected += torch.autograd.grad(loss, purified)[0] / 2
+    assert torch.allclose(grad, expected, atol=1e-6)
+    assert not torch.allclose(grad, loss_gradient(model, images, labels, seeds=[7, 8]))
 
 
 def test_purified_is_closer_to_clean(small_real_images: torch.Tensor) -> None:
