@@ -1,11 +1,17 @@
-"""Seconds per image per DIP iteration: batch 1 vs batch 8, batched fitter vs a loop over images.
+"""DIP speed: this fitter against the one it replaced, per image per iteration, in one process.
 
-Every configuration is timed in interleaved rounds in one process (medians), so machine load
-hits them alike. On the CPU the batched fitter defaults to one conv per network inside the
-batched pass (``conv=split``); ``conv=grouped`` (one grouped conv for all, the CUDA default)
-is timed beside it.
+Times, in interleaved rounds (medians, so machine load hits every configuration alike):
 
-    .venv/bin/python benchmarks/bench_dip.py [--size 224] [--iterations 6] [--device auto]
+- the fitter before issue 15 (``benchmarks/dip_reference.py``: per-weight Python Adam, host
+  syncs, per-image arrays trimmed by hand, 1x1 convs through the conv dispatch) against the
+  current one, at batch 1 and batch ``--batch``; the ratio is the speed-up;
+- GFLOP/s of the current step (convolutions and matrix products counted by
+  ``torch.utils.flop_counter``) against ``torch.mm`` of 2048 x 2048 in the same run;
+- levers on one network's forward + backward: channels-last convolutions, and with ``--compile``
+  ``torch.compile`` (its compile time printed; outputs compared with eager).
+
+    .venv/bin/python benchmarks/bench_dip.py [--size 224] [--iterations 6] [--batch 8] \
+        [--threads 2] [--compile]
 """
 
 from __future__ import annotations
@@ -13,27 +19,122 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
-from advpurify.devices import resolve_device
-from advpurify.purifiers.dip import DipSettings, fit
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from dip_reference import fit_group_reference  # noqa: E402
+
+from advpurify.devices import resolve_device  # noqa: E402
+from advpurify.models.skipnet import SkipNet  # noqa: E402
+from advpurify.purifiers.dip import DipSettings, fit  # noqa: E402
+
+CLOCK = time.perf_counter  # --cpu-time: process CPU time, steadier than wall time under load
 
 
-def seconds_per_image_iteration(images: torch.Tensor, settings: DipSettings, loop: bool) -> float:
+def per_image_iteration(images: torch.Tensor, settings: DipSettings, fitter: str) -> float:
     seeds = list(range(images.shape[0]))
     if images.is_cuda:
         torch.cuda.synchronize()
-    began = time.perf_counter()
-    if loop:
-        for i, seed in enumerate(seeds):
-            fit(images[i : i + 1], [seed], settings)
+    began = CLOCK()
+    if fitter == "before":
+        with torch.enable_grad():
+            fit_group_reference(images, seeds, settings, None)
     else:
         fit(images, seeds, settings)
     if images.is_cuda:
         torch.cuda.synchronize()
-    return (time.perf_counter() - began) / settings.iterations / images.shape[0]
+    return (CLOCK() - began) / settings.iterations / images.shape[0]
+
+
+def interleaved(
+    runs: dict[str, Callable[[], float]], rounds: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    for run in runs.values():  # warm-up: allocator, oneDNN / cuDNN plans
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            times[name].append(run())
+    return {name: statistics.median(v) for name, v in times.items()}, times
+
+
+def mm_gflops(device: torch.device, rounds: int) -> float:
+    a = torch.rand(2048, 2048, device=device)
+    b = torch.rand(2048, 2048, device=device)
+    best = []
+    for _ in range(rounds + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = CLOCK()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best.append(CLOCK() - began)
+    return 2 * 2048**3 / statistics.median(best[1:]) / 1e9
+
+
+class OneNet:
+    """Forward + backward of one network on one image: what every DIP step runs."""
+
+    def __init__(self, settings: DipSettings, size: int, device: torch.device) -> None:
+        self.net = SkipNet(settings.skip_config(), 1, seeds=[0], device=device)
+        self.params = {
+            k: p.detach().clone().requires_grad_() for k, p in self.net.named_parameters()
+        }
+        gen = torch.Generator(device=device).manual_seed(1)
+        self.z = torch.rand(1, settings.input_depth, size, size, generator=gen, device=device)
+        self.target = torch.rand(1, 3, size, size, generator=gen, device=device)
+
+    def loss(self, params: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        out = functional_call(self.net, params, (z,))
+        return (out - self.target).square().mean()
+
+    def step(self, z: torch.Tensor | None = None) -> list[torch.Tensor]:
+        z = self.z if z is None else z
+        return list(torch.autograd.grad(self.loss(self.params, z), list(self.params.values())))
+
+    def flops(self) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.step()
+        return counter.get_total_flops()
+
+
+def channels_last(run: Callable[[], object]) -> object:
+    """``run`` with every convolution's input and weight in the channels-last layout (oneDNN's
+    NHWC path; BatchNorm, LeakyReLU, padding and upsampling follow their input's layout)."""
+    conv2d = F.conv2d
+
+    def conv2d_nhwc(x: torch.Tensor, weight: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        nhwc = torch.channels_last
+        x, weight = x.contiguous(memory_format=nhwc), weight.contiguous(memory_format=nhwc)
+        return conv2d(x, weight, *args, **kwargs)
+
+    F.conv2d = conv2d_nhwc
+    try:
+        return run()
+    finally:
+        F.conv2d = conv2d
+
+
+def timed(run: Callable[[], object], device: torch.device, repeat: int = 2) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    began = CLOCK()
+    for _ in range(repeat):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (CLOCK() - began) / repeat
 
 
 def main() -> None:
@@ -43,76 +144,82 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--preset", default="fast")
-    parser.add_argument("--channels", type=int, default=None)
-    parser.add_argument(
-        "--reference-channels",
-        type=int,
-        default=32,
-        help="also time batch 1 of the issue's reference net (plain skip net of this width)",
-    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--skip-fits", action="store_true", help="levers only")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with the process's CPU time (use with --threads 1 on a shared machine)",
+    )
     args = parser.parse_args()
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     images = torch.rand(
         args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)
     ).to(device)
+    settings = DipSettings.from_preset(args.preset, iterations=args.iterations)
+    print(
+        f"DIP {args.preset} preset ({settings.channels} ch, {settings.scales} scales), "
+        f"{args.size}x{args.size}, {device}, {torch.get_num_threads()} threads, "
+        f"load {os.getloadavg()[0]:.1f}; medians of {args.rounds} interleaved rounds"
+        + ("; CPU time" if args.cpu_time else "; wall time")
+    )
+    one = OneNet(settings, args.size, device)
+    flops = one.flops()
+    mm = mm_gflops(device, args.rounds)
 
-    def settings(
-        conv: str = "auto", iterations: int = args.iterations, channels: int | None = None
-    ) -> DipSettings:
-        return DipSettings.from_preset(
-            args.preset, iterations=iterations, channels=channels or args.channels, conv=conv
-        )
+    median: dict[str, float] = {}
+    if not args.skip_fits:
+        runs = {}
+        for batch in (1, args.batch):
+            for fitter in ("before", "after"):
+                runs[f"batch {batch}, {fitter}"] = lambda b=batch, f=fitter: per_image_iteration(
+                    images[:b], settings, f
+                )
+        median, times = interleaved(runs, args.rounds)
+        print(f"fit, {args.iterations} iterations (s per image per iteration):")
+        for name, value in median.items():
+            spread = ", ".join(f"{v:.4f}" for v in times[name])
+            gflops = flops / value / 1e9
+            print(f"  {name:22s} {value:.4f}  ({spread})  {gflops:.1f} GFLOP/s")
+        for batch in (1, args.batch):
+            ratio = median[f"batch {batch}, before"] / median[f"batch {batch}, after"]
+            print(f"after vs before, batch {batch}: {ratio:.2f}x faster per image")
 
-    configs = {
-        "batch 1": (images[:1], settings(), False),
-        f"batch {args.batch}, batched": (images, settings(), False),
-        f"batch {args.batch}, loop over images": (images, settings(), True),
+    levers: dict[str, Callable[[], float]] = {
+        "eager": lambda: timed(one.step, device),
     }
     if device.type == "cpu":
-        configs[f"batch {args.batch}, batched, one grouped conv"] = (
-            images,
-            settings("grouped"),
-            False,
+        levers["channels-last"] = lambda: timed(lambda: channels_last(one.step), device)
+    compile_seconds = None
+    if args.compile:
+        grad_fn = torch.compile(torch.func.grad(one.loss))
+        began = CLOCK()
+        compiled = grad_fn(one.params, one.z)
+        compile_seconds = CLOCK() - began
+        eager = one.step()
+        diff = max(
+            float((a - b).abs().max()) for a, b in zip(eager, compiled.values(), strict=True)
         )
-    else:
-        configs[f"batch {args.batch}, batched, one conv per net"] = (
-            images,
-            settings("split"),
-            False,
+        print(f"torch.compile: {compile_seconds:.1f} s to compile; max |grad diff| {diff:.2e}")
+        levers["torch.compile"] = lambda: timed(lambda: grad_fn(one.params, one.z), device)
+    lever_median, _ = interleaved(levers, args.rounds)
+    print(f"one network's forward + backward, batch 1 ({flops / 1e9:.2f} GFLOP counted):")
+    for name, value in lever_median.items():
+        print(
+            f"  {name:22s} {value * 1000:.1f} ms  {flops / value / 1e9:.1f} GFLOP/s  "
+            f"{lever_median['eager'] / value:.2f}x eager"
         )
-    reference = f"batch 1, {args.reference_channels}-channel reference net"
-    if args.reference_channels:
-        configs[reference] = (images[:1], settings(channels=args.reference_channels), False)
-    for batch, s, loop in configs.values():  # warm-up: allocator, oneDNN / cuDNN plans
-        seconds_per_image_iteration(batch, settings(s.conv, 2, s.channels), loop)
-    times: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(args.rounds):
-        for name, (batch, s, loop) in configs.items():
-            times[name].append(seconds_per_image_iteration(batch, s, loop))
-    median = {name: statistics.median(values) for name, values in times.items()}
-
-    s = settings()
-    print(
-        f"DIP {args.preset} preset ({s.channels} ch, {s.scales} scales), {args.size}x{args.size},"
-        f" {device}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}; "
-        f"median of {args.rounds} rounds of {args.iterations} iterations"
-    )
-    for name, value in median.items():
-        spread = ", ".join(f"{v:.3f}" for v in times[name])
-        print(f"  {name:42s} {value:.4f} s/image/iteration  ({spread})")
-    b = args.batch
-    batched, loop = median[f"batch {b}, batched"], median[f"batch {b}, loop over images"]
-    print(f"batched vs loop (batch {b}): {loop / batched:.2f}x faster per image")
-    print(f"batch {b} vs batch 1: {median['batch 1'] / batched:.2f}x faster per image")
-    other = [name for name in median if name.startswith(f"batch {b}, batched, ")][0]
-    print(f"{other} vs default: {batched / median[other]:.2f}x faster per image")
-    if args.reference_channels:
-        ratio = median[reference] / median["batch 1"]
-        print(f"{s.channels}-channel {args.preset} net vs {reference}: {ratio:.2f}x faster")
+    print(f"torch.mm 2048^2 in the same run: {mm:.1f} GFLOP/s")
+    if median:
+        step = median["batch 1, after"]
+        print(f"DIP step at batch 1: {flops / step / 1e9 / mm:.0%} of torch.mm's GFLOP/s")
 
 
 if __name__ == "__main__":

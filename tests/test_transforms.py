@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,10 @@ from PIL import Image
 from scipy import ndimage
 from skimage.restoration import denoise_tv_chambolle
 
+from advpurify.export.fused import MedianGraph
 from advpurify.images import load_image
 from advpurify.purifiers import ParamError, create, method_names
+from advpurify.purifiers.transforms import median_graph
 
 TRANSFORMS = ["rescale", "jpeg", "bitdepth", "median", "tvm", "randpad"]
 
@@ -56,6 +59,53 @@ def test_median_matches_scipy(batch224: torch.Tensor) -> None:
         # torch's "reflect" padding is scipy's "mirror" mode (the edge pixel is not repeated).
         expected = ndimage.median_filter(image.numpy(), size=(1, 5, 5), mode="mirror")
         assert np.allclose(result.numpy(), expected)
+
+
+def _median_unfold(images: torch.Tensor, k: int) -> torch.Tensor:
+    # The definition before issue 15: torch.median over every unfolded window.
+    n, c, h, w = images.shape
+    windows = F.unfold(F.pad(images, (k // 2,) * 4, mode="reflect"), kernel_size=k)
+    return windows.view(n, c, k * k, h, w).median(dim=2).values
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+@pytest.mark.parametrize("shape", [(2, 3, 37, 53), (1, 3, 3, 4), (3, 3, 64, 64)])
+def test_median_fast_path_equals_the_graph(kernel: int, shape: tuple[int, ...]) -> None:
+    if min(shape[-2:]) <= kernel // 2:
+        pytest.skip("reflect padding needs a side longer than the pad")
+    gen = torch.Generator().manual_seed(kernel)
+    images = torch.rand(shape, generator=gen)  # not on 8-bit levels: any float works
+    images[0, 0, 0, :2] = torch.tensor([0.0, 1.0])
+    out = create("median", kernel=kernel)(images)
+    assert torch.equal(out, median_graph(images, kernel))
+    assert torch.equal(out, _median_unfold(images, kernel))
+    assert torch.equal(MedianGraph(kernel)(images), out)  # the exported form: same values
+
+
+def _jpeg_before(images: torch.Tensor, quality: int) -> torch.Tensor:
+    # The CPU path before issue 15 (float -> uint8 -> BGR views -> float).
+    as_bytes = images.clamp(0, 1).mul(255).round().to(torch.uint8)
+    out = []
+    for image in as_bytes.permute(0, 2, 3, 1).numpy():
+        ok, buffer = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+        assert ok
+        out.append(cv2.imdecode(buffer, cv2.IMREAD_COLOR)[..., ::-1])
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(images.dtype).div(255)
+
+
+def test_jpeg_and_bitdepth_unchanged(batch224: torch.Tensor) -> None:
+    # Halfway levels (k + 0.5) / 255 and values outside [0, 1] exercise rounding and clamping.
+    halves = (torch.arange(3 * 37 * 53).reshape(1, 3, 37, 53) % 256 + 0.5) / 255
+    wide = torch.linspace(-0.2, 1.2, 3 * 40 * 30).reshape(1, 3, 40, 30)
+    for images in (batch224[:3], halves, wide):
+        for quality in (75, 30):
+            assert torch.equal(
+                create("jpeg", quality=quality)(images), _jpeg_before(images, quality)
+            )
+        for bits in (1, 3, 8):
+            levels = 2**bits - 1
+            before = images.clamp(0, 1).mul(levels).round().div(levels)
+            assert torch.equal(create("bitdepth", bits=bits)(images), before)
 
 
 def test_tvm_matches_scikit_image(batch224: torch.Tensor) -> None:

@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from advpurify.errors import AdvpurifyError
 from advpurify.purifiers.base import Purifier, method_class
+from advpurify.purifiers.transforms import median_graph
 
 # Why these methods cannot be one ONNX graph. (Their torch implementations stay available.)
 NOT_EXPORTABLE: dict[str, str] = {
@@ -60,19 +60,17 @@ class PurifierModule(nn.Module):
 
 
 class MedianGraph(nn.Module):
-    """``median`` with TopK (an ONNX operator) instead of ``torch.median`` (not one)."""
+    """``median`` in its graph form (:func:`median_graph`, TopK), whatever the device.
+
+    The purifier itself takes OpenCV's ``medianBlur`` on the CPU for the same values.
+    """
 
     def __init__(self, kernel: int) -> None:
         super().__init__()
         self.kernel = int(kernel)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        k = self.kernel
-        n, c, h, w = images.shape
-        padded = F.pad(images, (k // 2,) * 4, mode="reflect")
-        windows = F.unfold(padded, kernel_size=k).view(n, c, k * k, h, w)
-        # The middle of k*k values: the largest of the (k*k + 1) / 2 smallest.
-        return windows.topk(k * k // 2 + 1, dim=2, largest=False).values[:, :, -1]
+        return median_graph(images, self.kernel)
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel}"

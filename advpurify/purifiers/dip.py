@@ -57,6 +57,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reg_noise_std": 1.0 / 30.0,
         "ema": 0.99,
     },
+    # For attacks through DIP (BPDA + EOT fits it once per step and draw) and for tests: small
+    # enough that an adaptive run on 8 images finishes in minutes on a loaded 2-core machine.
+    "tiny": {
+        "iterations": 100,
+        "channels": 8,
+        "skip_channels": 4,
+        "scales": 5,
+        "input_depth": 16,
+        "lr": 0.01,
+        "reg_noise_std": 1.0 / 30.0,
+        "ema": 0.99,
+    },
 }
 
 STOP_RULES = ("fixed", "variance")
@@ -67,14 +79,15 @@ CONV_MODES = ("auto", "grouped", "split")
 class DipSettings:
     """Everything that shapes a fit. ``from_preset`` fills what is not given from a preset."""
 
-    iterations: int = 3000
-    channels: int = 128
-    skip_channels: int = 4
-    scales: int = 5
-    input_depth: int = 32
-    lr: float = 0.01
-    reg_noise_std: float = 1.0 / 30.0
-    ema: float = 0.99
+    # The preset values are declared once, in PRESETS; the defaults are the paper's.
+    iterations: int = PRESETS["paper"]["iterations"]
+    channels: int = PRESETS["paper"]["channels"]
+    skip_channels: int = PRESETS["paper"]["skip_channels"]
+    scales: int = PRESETS["paper"]["scales"]
+    input_depth: int = PRESETS["paper"]["input_depth"]
+    lr: float = PRESETS["paper"]["lr"]
+    reg_noise_std: float = PRESETS["paper"]["reg_noise_std"]
+    ema: float = PRESETS["paper"]["ema"]
     input_scale: float = 0.1
     stop: str = "fixed"
     window: int = 50
@@ -189,31 +202,94 @@ def fit(
     )
 
 
-class _Adam:
-    """Adam (as ``torch.optim.Adam``) over a dict of stacked weights whose rows can be dropped."""
+class _FlatParams:
+    """The stacked weights of N networks as one ``N x P`` tensor, and views of it by name.
 
-    def __init__(self, params: dict[str, torch.Tensor], lr: float) -> None:
+    One buffer makes Adam, the guard's snapshot and dropping finished images one operation each
+    over all weights (instead of one per weight tensor), with the same elementwise arithmetic.
+    """
+
+    def __init__(self, named: dict[str, torch.Tensor]) -> None:
+        self.shapes = {k: p.shape[1:] for k, p in named.items()}
+        n = next(iter(named.values())).shape[0]
+        self.flat = torch.cat([p.detach().reshape(n, -1) for p in named.values()], dim=1)
+        self._views()
+
+    def _views(self) -> None:
+        # Views of the buffer that autograd treats as leaves: Adam writes the buffer in place.
+        n, offset, self.named = self.flat.shape[0], 0, {}
+        for name, shape in self.shapes.items():
+            size = math.prod(shape)
+            view = self.flat[:, offset : offset + size].view(n, *shape)
+            self.named[name] = view.requires_grad_()
+            offset += size
+
+    def flat_grad(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        n = self.flat.shape[0]
+        return torch.cat([g.reshape(n, -1) for g in grads], dim=1)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.flat = self.flat[rows]
+        self._views()
+
+
+class _Adam:
+    """Adam (as ``torch.optim.Adam``, same arithmetic per element) over one ``N x P`` buffer."""
+
+    def __init__(self, flat: torch.Tensor, lr: float) -> None:
         self.lr, self.beta1, self.beta2, self.eps = lr, 0.9, 0.999, 1e-8
         self.step_count = 0
-        self.exp_avg = {k: torch.zeros_like(p) for k, p in params.items()}
-        self.exp_avg_sq = {k: torch.zeros_like(p) for k, p in params.items()}
+        self.exp_avg = torch.zeros_like(flat)
+        self.exp_avg_sq = torch.zeros_like(flat)
 
     @torch.no_grad()
-    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+    def step(self, param: torch.Tensor, grad: torch.Tensor) -> None:
         self.step_count += 1
         bias1 = 1 - self.beta1**self.step_count
         bias2_sqrt = math.sqrt(1 - self.beta2**self.step_count)
-        for name, param in params.items():
-            grad = grads[name]
-            exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
-            exp_avg.lerp_(grad, 1 - self.beta1)
-            exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-            denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(self.eps)
-            param.addcdiv_(exp_avg, denom, value=-self.lr / bias1)
+        self.exp_avg.lerp_(grad, 1 - self.beta1)
+        self.exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        denom = self.exp_avg_sq.sqrt().div_(bias2_sqrt).add_(self.eps)
+        param.addcdiv_(self.exp_avg, denom, value=-self.lr / bias1)
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.exp_avg = {k: v[rows] for k, v in self.exp_avg.items()}
-        self.exp_avg_sq = {k: v[rows] for k, v in self.exp_avg_sq.items()}
+        self.exp_avg, self.exp_avg_sq = self.exp_avg[rows], self.exp_avg_sq[rows]
+
+
+@dataclasses.dataclass
+class _Fits:
+    """Everything per image about the fits still running, dropped in one place (:meth:`keep`)."""
+
+    index: list[int]
+    """Position in the batch of each image still being fitted."""
+    gens: list[torch.Generator]
+    weights: _FlatParams
+    adam: _Adam
+    snapshot: torch.Tensor
+    """Per image: the weights of its last step that passed the divergence guard."""
+    z: torch.Tensor
+    target: torch.Tensor
+    noise: torch.Tensor
+    last_psnr: torch.Tensor
+    restores: torch.Tensor
+    avg: torch.Tensor | None = None
+    history: torch.Tensor | None = None
+    """stop=variance: the last ``window`` outputs per image (a ring buffer)."""
+    best_var: torch.Tensor | None = None
+    best_it: torch.Tensor | None = None
+    best_out: torch.Tensor | None = None
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop every image whose row is not in ``rows``, so finished images cost nothing."""
+        kept = rows.tolist()
+        self.index = [self.index[r] for r in kept]
+        self.gens = [self.gens[r] for r in kept]
+        self.weights.keep(rows)
+        self.adam.keep(rows)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, field.name, value[rows])
 
 
 def _fit_group(
@@ -238,96 +314,115 @@ def _fit_group(
         z = torch.stack(
             [torch.rand(s.input_depth, H, W, generator=g, device=device) for g in gens]
         ).mul_(s.input_scale)
-        params = {k: p.detach().clone().requires_grad_() for k, p in net.named_parameters()}
-        adam = _Adam(params, s.lr)
-        snapshot = {k: p.detach().clone() for k, p in params.items()}
-        last_psnr = torch.full((n,), -math.inf, device=device)
-        restores = torch.zeros(n, dtype=torch.long, device=device)
-        active = list(range(n))
-        avg: torch.Tensor | None = None
+        weights = _FlatParams(dict(net.named_parameters()))
+        window = s.window if s.stop == "variance" else 0
+        fits = _Fits(
+            index=list(range(n)),
+            gens=gens,
+            weights=weights,
+            adam=_Adam(weights.flat, s.lr),
+            snapshot=weights.flat.clone(),
+            z=z,
+            target=target,
+            noise=torch.empty_like(z),
+            last_psnr=torch.full((n,), -math.inf, device=device),
+            restores=torch.zeros(n, dtype=torch.long, device=device),
+        )
+        if window:
+            fits.history = torch.empty((n, window, 3, H, W), device=device)
+            fits.best_var = torch.full((n,), math.inf, device=device)
+            fits.best_out = torch.empty((n, 3, H, W), device=device)
+            fits.best_it = torch.zeros(n, dtype=torch.long, device=device)
         result = images.new_empty(images.shape)
         stopped_at = [s.iterations] * n
         restores_out = [0] * n
-        window = s.window if s.stop == "variance" else 0
-        history = torch.empty((n, window, 3, H, W), device=device) if window else None
-        best_var = torch.full((n,), math.inf, device=device)
-        best_out = torch.empty((n, 3, H, W), device=device) if window else None
-        best_it = torch.zeros(n, dtype=torch.long, device=device)
 
         for it in range(1, s.iterations + 1):
-            net_input = z
-            if s.reg_noise_std > 0:
-                noise = torch.stack(
-                    [torch.randn(z.shape[1:], generator=g, device=device) for g in gens]
-                )
-                net_input = z + s.reg_noise_std * noise
-            out = functional_call(net, params, (net_input,))
-            err = (out - target).square().flatten(1).mean(1)
-            # Sum, not mean: each image gets exactly the gradient it would get alone.
-            grads = torch.autograd.grad(err.sum(), list(params.values()))
-            out = out.detach()
-            with torch.no_grad():
-                psnr = -10.0 * torch.log10(err.detach().clamp_min(1e-12))
-                bad = psnr < last_psnr - s.guard_db if s.guard_db > 0 else psnr < -math.inf
-                any_bad = bool(bad.any())
-                good = ~bad
-                for name, param in params.items():  # remember weights that fitted well
-                    if any_bad:
-                        snapshot[name][good] = param[good]
-                    else:
-                        snapshot[name].copy_(param)
-                adam.step(params, dict(zip(params, grads, strict=True)))
-                if any_bad:
-                    for name, param in params.items():
-                        param[bad] = snapshot[name][bad]
-                    restores += bad.long()
-                last_psnr = torch.where(good, psnr, last_psnr)
-                if avg is None:
-                    avg = out.clone()
-                elif s.ema > 0:
-                    mixed = avg * s.ema + out * (1 - s.ema)
-                    avg = torch.where(bad.view(-1, 1, 1, 1), avg, mixed)
+            out, bad = _step(net, fits, s)
+            if on_step is not None:
+                assert fits.avg is not None
+                on_step(it, list(fits.index), crop(out), crop(fits.avg))
+            done = _stopped(fits, it, out, s)
+            if done is None:
+                continue
+            final = fits.best_out if fits.best_out is not None else fits.avg
+            assert final is not None
+            for row in done.nonzero().flatten().tolist():
+                index = fits.index[row]
+                result[index] = crop(final[row])
+                if fits.best_it is not None:
+                    stopped_at[index] = int(fits.best_it[row])
                 else:
-                    avg = torch.where(bad.view(-1, 1, 1, 1), avg, out)
-                if on_step is not None:
-                    on_step(it, list(active), crop(out), crop(avg))
-
-                done = torch.zeros(len(active), dtype=torch.bool, device=device)
-                if history is not None and best_out is not None:
-                    history[:, (it - 1) % window] = out
-                    if it >= window:
-                        var = history.var(dim=1, unbiased=False).flatten(1).mean(1)
-                        better = var < best_var
-                        best_var = torch.where(better, var, best_var)
-                        best_it = torch.where(better, it, best_it)
-                        best_out[better] = avg[better]
-                        done = it - best_it >= s.patience
-                if it == s.iterations:
-                    done[:] = True
-                if not bool(done.any()):
-                    continue
-                final = best_out if best_out is not None else avg
-                for row in done.nonzero().flatten().tolist():
-                    index = active[row]
-                    result[index] = crop(final[row])
-                    stopped_at[index] = int(best_it[row]) if best_out is not None else it
-                    restores_out[index] = int(restores[row])
-                if bool(done.all()):
-                    break
-                # Drop finished images from every per-image state, so they cost nothing more.
-                rows = (~done).nonzero().flatten()
-                keep = rows.tolist()
-                active = [active[r] for r in keep]
-                gens = [gens[r] for r in keep]
-                params = {k: p[rows].detach().requires_grad_() for k, p in params.items()}
-                snapshot = {k: p[rows] for k, p in snapshot.items()}
-                adam.keep(rows)
-                z, target, avg = z[rows], target[rows], avg[rows]
-                last_psnr, restores = last_psnr[rows], restores[rows]
-                best_var, best_it = best_var[rows], best_it[rows]
-                if history is not None and best_out is not None:
-                    history, best_out = history[rows], best_out[rows]
+                    stopped_at[index] = it
+                restores_out[index] = int(fits.restores[row])
+            if bool(done.all()):
+                break
+            fits.keep((~done).nonzero().flatten())
     return DipResult(images=result, iterations=stopped_at, restores=restores_out)
+
+
+def _step(net: SkipNet, fits: _Fits, s: DipSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Adam step of every fit; returns the outputs and which images the guard restored.
+
+    No host synchronisation: the guard's snapshot and restore are selections on the device.
+    """
+    net_input = fits.z
+    if s.reg_noise_std > 0:
+        for row, gen in enumerate(fits.gens):
+            torch.randn(fits.z.shape[1:], generator=gen, out=fits.noise[row])
+        net_input = fits.z + fits.noise.mul_(s.reg_noise_std)
+    weights = fits.weights
+    out = functional_call(net, weights.named, (net_input,))
+    err = (out - fits.target).square().flatten(1).mean(1)
+    # Sum, not mean: each image gets exactly the gradient it would get alone.
+    grads = torch.autograd.grad(err.sum(), list(weights.named.values()))
+    out = out.detach()
+    with torch.no_grad():
+        psnr = -10.0 * torch.log10(err.detach().clamp_min(1e-12))
+        if s.guard_db > 0:
+            bad = psnr < fits.last_psnr - s.guard_db
+        else:
+            bad = torch.zeros_like(psnr, dtype=torch.bool)
+        good = ~bad
+        rows_bad = bad.view(-1, 1)
+        # Remember the weights that fitted well, step, and put back those that did not.
+        fits.snapshot = torch.where(rows_bad, fits.snapshot, weights.flat)
+        fits.adam.step(weights.flat, weights.flat_grad(grads))
+        if s.guard_db > 0:
+            weights.flat.copy_(torch.where(rows_bad, fits.snapshot, weights.flat))
+        fits.restores += bad.long()
+        fits.last_psnr = torch.where(good, psnr, fits.last_psnr)
+        if fits.avg is None:
+            fits.avg = out.clone()
+        elif s.ema > 0:
+            mixed = fits.avg * s.ema + out * (1 - s.ema)
+            fits.avg = torch.where(bad.view(-1, 1, 1, 1), fits.avg, mixed)
+        else:
+            fits.avg = torch.where(bad.view(-1, 1, 1, 1), fits.avg, out)
+    return out, bad
+
+
+def _stopped(fits: _Fits, it: int, out: torch.Tensor, s: DipSettings) -> torch.Tensor | None:
+    """Which images finish at step ``it`` (None: none of them, known without a host sync)."""
+    last = it == s.iterations
+    if fits.history is None:
+        return torch.ones(len(fits.index), dtype=torch.bool) if last else None
+    assert fits.best_var is not None and fits.best_it is not None and fits.best_out is not None
+    assert fits.avg is not None
+    window = fits.history.shape[1]
+    with torch.no_grad():
+        fits.history[:, (it - 1) % window] = out
+        if it < window:
+            return torch.ones(len(fits.index), dtype=torch.bool) if last else None
+        var = fits.history.var(dim=1, unbiased=False).flatten(1).mean(1)
+        better = var < fits.best_var
+        fits.best_var = torch.where(better, var, fits.best_var)
+        fits.best_it = torch.where(better, it, fits.best_it)
+        fits.best_out[better] = fits.avg[better]
+        done = (it - fits.best_it >= s.patience).cpu()
+    if last:
+        done[:] = True
+    return done if bool(done.any()) else None
 
 
 @register
@@ -342,7 +437,7 @@ class DeepImagePrior(Purifier):
             "preset",
             str,
             "fast",
-            "fast (2 CPU cores) or paper (3000 its, 128 ch)",
+            "fast (2 CPU cores), paper (3000 its, 128 ch) or tiny (adaptive attacks, tests)",
             choices=tuple(PRESETS),
         ),
         Param("iterations", int, None, "fitting steps (maximum for stop=variance)", min=1),

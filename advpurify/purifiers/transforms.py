@@ -28,6 +28,16 @@ def resize(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tens
     return out.clamp(0.0, 1.0)
 
 
+def _quantized(images: torch.Tensor) -> torch.Tensor:
+    """Float pixels rounded to the 8-bit levels 0..255 (still float, one new tensor)."""
+    return images.clamp(0, 1).mul_(255).round_()
+
+
+def to_bytes(images: torch.Tensor) -> torch.Tensor:
+    """``[0, 1]`` float images as uint8, rounding half to even."""
+    return _quantized(images).to(torch.uint8)
+
+
 @register
 class Rescale(Purifier):
     name = "rescale"
@@ -51,18 +61,23 @@ class Jpeg(Purifier):
     params = (Param("quality", int, 75, "JPEG quality", min=1, max=100),)
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        as_bytes = images.clamp(0, 1).mul(255).round().to(torch.uint8)
         if images.is_cuda:
-            return self._nvjpeg(as_bytes).to(images.dtype).div(255)
-        # libjpeg-turbo through OpenCV; the codec, not the loop, is the cost here.
+            return self._nvjpeg(to_bytes(images)).to(images.dtype).div(255)
+        # libjpeg-turbo through OpenCV. The 8-bit planes are interleaved in OpenCV's BGR order
+        # by cv2.merge and decoded straight to RGB into one buffer: no float round trips or
+        # strided float copies around the codec (they cost more than the codec did).
+        n, _, h, w = images.shape
+        planes = to_bytes(images).numpy()
+        bgr = np.empty((h, w, 3), dtype=np.uint8)
+        decoded = np.empty((n, h, w, 3), dtype=np.uint8)
         params = [cv2.IMWRITE_JPEG_QUALITY, self.quality]
-        out = []
-        for image in as_bytes.permute(0, 2, 3, 1).numpy():
-            ok, buffer = cv2.imencode(".jpg", image[..., ::-1], params)  # OpenCV wants BGR
+        for i, (r, g, b) in enumerate(planes):
+            cv2.merge([b, g, r], dst=bgr)
+            ok, buffer = cv2.imencode(".jpg", bgr, params)
             if not ok:
                 raise RuntimeError("JPEG encoding failed")
-            out.append(cv2.imdecode(buffer, cv2.IMREAD_COLOR)[..., ::-1])
-        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(images.dtype).div(255)
+            decoded[i] = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB)
+        return torch.from_numpy(decoded).permute(0, 3, 1, 2).to(images.dtype).div_(255)
 
     def _nvjpeg(self, as_bytes: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
@@ -85,7 +100,7 @@ class BitDepth(Purifier):
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         levels = 2**self.bits - 1
-        return images.clamp(0, 1).mul(levels).round().div(levels)
+        return images.clamp(0, 1).mul_(levels).round_().div_(levels)  # one new tensor
 
 
 @register
@@ -100,12 +115,41 @@ class Median(Purifier):
             raise ParamError(f"parameter kernel={self.kernel}: must be odd")
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        k = self.kernel
-        n, c, h, w = images.shape
-        padded = F.pad(images, (k // 2,) * 4, mode="reflect")
-        # N x C*k*k x H*W windows; the median over each window's k*k values.
-        windows = F.unfold(padded, kernel_size=k).view(n, c, k * k, h, w)
-        return windows.median(dim=2).values
+        return median_filter(images, self.kernel)
+
+
+def median_graph(images: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Median over ``kernel`` x ``kernel`` windows, reflect-padded, in torch on any device.
+
+    The one torch definition, also the exported graph (``export/fused.py``): the middle of k*k
+    values is the largest of the (k*k + 1) / 2 smallest, TopK being an ONNX operator where
+    ``torch.median`` is not. It unfolds every window (k*k copies of the batch).
+    """
+    k = kernel
+    n, c, h, w = images.shape
+    padded = F.pad(images, (k // 2,) * 4, mode="reflect")
+    windows = F.unfold(padded, kernel_size=k).view(n, c, k * k, h, w)
+    return windows.topk(k * k // 2 + 1, dim=2, largest=False).values[:, :, -1]
+
+
+def median_filter(images: torch.Tensor, kernel: int) -> torch.Tensor:
+    """:func:`median_graph`'s values; on the CPU through OpenCV's ``medianBlur`` where it takes
+    float32 (3 x 3 and 5 x 5 windows), one plane at a time, with no unfold.
+
+    ``medianBlur`` replicates borders, so each plane is padded first with ``BORDER_REFLECT_101``
+    (torch's ``reflect``) and cropped back: the same windows, the same middle value.
+    """
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if images.device.type != "cpu" or kernel not in (3, 5) or tracing:
+        return median_graph(images, kernel)
+    p = kernel // 2
+    n, c, h, w = images.shape
+    source = images.detach().contiguous().numpy().reshape(n * c, h, w)
+    out = np.empty_like(source)
+    for plane, result in zip(source, out, strict=True):
+        padded = cv2.copyMakeBorder(plane, p, p, p, p, cv2.BORDER_REFLECT_101)
+        result[...] = cv2.medianBlur(padded, kernel)[p : p + h, p : p + w]
+    return torch.from_numpy(out).view(n, c, h, w)
 
 
 @register
