@@ -365,9 +365,18 @@ def _photo_names() -> tuple[str, ...]:
 
 @functools.cache
 def _photos() -> dict[str, np.ndarray]:
-    from advpurify.samples import sample_photos
+    from advpurify.samples import SKIMAGE_PHOTOS, sample_photos
 
-    return sample_photos()
+    try:
+        return sample_photos()
+    except ImportError:  # no matplotlib (its portrait): scikit-image's bundled photos suffice
+        import skimage.data
+
+        photos = {}
+        for name in SKIMAGE_PHOTOS:
+            array = getattr(skimage.data, name)()
+            photos[name] = np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array
+        return photos
 
 
 @functools.cache
