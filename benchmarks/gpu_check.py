@@ -232,6 +232,12 @@ class Step:
         self.size = 32 if dry_run else 224
         # Untimed and timed calls per configuration.
         self.repeats = {"warmup": 0, "iterations": 1} if dry_run else {"warmup": 1, "iterations": 3}
+
+    def repeats_on(self, device: str) -> dict:
+        """Fewer calls on the CPU side of a CUDA-vs-CPU comparison: it is the slow one."""
+        if device == "cpu" and self.has_cuda:
+            return {"warmup": 0, "iterations": 2}
+        return self.repeats
         self.data = data
 
     def say(self, message: str) -> None:
@@ -437,7 +443,7 @@ def step_ppgn(s: Step) -> None:
         def run(where=where, batch=batch):
             rows = bench_methods(
                 ["ppgn"], devices=(where,), batch_sizes=(batch,), sizes=(s.size,),
-                weights="random", fit_steps=fit_steps, **s.repeats,
+                weights="random", fit_steps=fit_steps, **s.repeats_on(where),
             )  # fmt: skip
             # The call includes E(x) and G(h_T) once; per step is an upper bound.
             for r in rows:
@@ -459,7 +465,7 @@ def step_context_encoder(s: Step) -> None:
                 rows = bench_methods(
                     ["context-encoder"], params={"context-encoder": {"mode": mode}},
                     devices=(where,), batch_sizes=batches, sizes=(s.size,), weights="random",
-                    **s.repeats,
+                    **s.repeats_on(where),
                 )  # fmt: skip
                 s.bench_rows(f"context-encoder {mode}", rows)
 
@@ -479,7 +485,7 @@ def step_transforms(s: Step) -> None:
             def run(method=method, where=where):
                 rows = bench_methods(
                     [method], devices=(where,), batch_sizes=batches, sizes=(s.size,),
-                    **s.repeats,
+                    **s.repeats_on(where),
                 )  # fmt: skip
                 s.bench_rows(method, rows)
                 speeds[where] = {r.batch_size: r.images_per_s for r in rows}  # noqa: B023
