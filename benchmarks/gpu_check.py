@@ -230,6 +230,7 @@ class Step:
         # The dry run stands the CPU in for the GPU where there is none.
         self.gpu = "cuda" if self.has_cuda else ("cpu" if dry_run else None)
         self.size = 32 if dry_run else 224
+        self.data = data
         # Untimed and timed calls per configuration.
         self.repeats = {"warmup": 0, "iterations": 1} if dry_run else {"warmup": 1, "iterations": 3}
 
@@ -238,7 +239,6 @@ class Step:
         if device == "cpu" and self.has_cuda:
             return {"warmup": 0, "iterations": 2}
         return self.repeats
-        self.data = data
 
     def say(self, message: str) -> None:
         print(f"[{stamp()}] {message}", flush=True)
