@@ -1,10 +1,17 @@
-"""``advpurify bench``: latency and throughput per model x backend x batch size x precision.
+"""``advpurify bench``: latency and throughput of models (``--model``) and of purification
+methods (``--method``).
 
-Each configuration runs ``warmup`` untimed batches first (session start-up, engine build, lazy
-allocations, ``torch.compile``), then ``iterations`` timed batches; latency is per batch (p50,
-p95), throughput is images over the timed wall-clock. The end-to-end figure classifies a folder
-with decoding and preprocessing overlapped with inference (``advpurify.evaluation.classify``) and is
-compared with the same backend's raw throughput on pre-decoded batches measured in the same run.
+Models: per model x backend x batch size x precision. Each configuration runs ``warmup`` untimed
+batches first (session start-up, engine build, lazy allocations, ``torch.compile``), then
+``iterations`` timed batches; latency is per batch (p50, p95), throughput is images over the
+timed wall-clock. The end-to-end figure classifies a folder with decoding and preprocessing
+overlapped with inference (``advpurify.evaluation.classify``) and is compared with the same
+backend's raw throughput on pre-decoded batches measured in the same run.
+
+Methods (:func:`bench_methods`): per method x device x batch size x image size, on the built-in
+photographs (or noise), the same latency figures plus peak memory; with a classifier also the
+deployed stage (purifier then classifier) and the classifier alone. Iterative methods are timed
+for a stated number of fitting steps. Every option is checked before the first timed call.
 """
 
 from __future__ import annotations
@@ -148,6 +155,8 @@ class EvalBench:
     eval_images_per_s: float
     raw_images_per_s: float
     top1: float | None
+    predictions: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Top-1 class per classified file (path -> index): what the end-to-end path predicted."""
 
     @property
     def ratio(self) -> float:
@@ -228,6 +237,9 @@ def bench_eval(
         eval_images_per_s=len(result.paths) / best_eval,
         raw_images_per_s=count / best_raw,
         top1=_top1(result.paths, result.logits),
+        predictions={
+            str(p): int(c) for p, c in zip(result.paths, result.logits.argmax(1), strict=True)
+        },
     )
 
 
