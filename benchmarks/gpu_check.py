@@ -44,7 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Seconds of the budget each step asks for; the time a step leaves unused goes to the later ones.
 STEPS: dict[str, float] = {
-    "env": 15,
+    "env": 25,
     "tests": 90,
     "dip": 110,
     "ppgn": 35,
