@@ -198,6 +198,17 @@ def _bench_methods(
         raise AdvpurifyError("--method takes one --backend (of --classifier) and one --precision")
     if backend and classifier is None:
         raise AdvpurifyError("--backend goes with --classifier when timing methods")
+    done: list = []
+    settings = {"command": "bench --method", "fit_steps": fit_steps, "extrapolated": extrapolate}
+
+    def on_result(r) -> None:
+        _note(
+            f"{r.label} {r.device} batch {r.batch_size} size {r.size}: {r.images_per_s:.2f} img/s"
+        )
+        done.append(r)
+        if json_file is not None:  # rewritten after every row: a crash keeps what was measured
+            write_json(json_file, [row.to_json() for row in done], settings)
+
     results = bench_methods(
         methods,
         params=parse_method_params(methods, param),
@@ -215,9 +226,7 @@ def _bench_methods(
         precision=precision[0],
         threads=threads,
         notify=_note,
-        on_result=lambda r: _note(
-            f"{r.label} {r.device} batch {r.batch_size} size {r.size}: {r.images_per_s:.2f} img/s"
-        ),
+        on_result=on_result,
     )
     table = Table(title=f"advpurify bench --method ({'random' if random else 'sample'} images)")
     columns = ("method", "device", "batch", "size", "steps", "p50 ms", "p95 ms", "img/s", "peak MB")
@@ -235,7 +244,7 @@ def _bench_methods(
         how = "extrapolated linearly to the configured count" if extrapolate else "as timed"
         _note(f"dip/ppgn: {fit_steps} fitting steps per timed call, figures {how}")
     if json_file is not None:
-        write_json(json_file, [r.to_json() for r in results], {"command": "bench --method"})
+        write_json(json_file, [r.to_json() for r in results], settings)
         _note(f"wrote {json_file}")
     if plot is not None:
         plot_methods(results, plot)
