@@ -501,7 +501,9 @@ def estimate_mb(plan: MethodPlan, batch_size: int, size: int) -> float:
     if plan.method == "ppgn":
         return _WEIGHTS_MB["ppgn"] + batch_size * 60.0 + base
     if plan.method == "context-encoder":
-        windows = min(plan.params.get("batch", 256), batch_size * 64)
+        # One 128 x 128 window per image in centre mode; tiled: every hole, in chunks of `batch`.
+        per_image = 1 if plan.params.get("mode") == "center" else (size // 28 + 1) ** 2
+        windows = min(plan.params.get("batch", 256), batch_size * per_image)
         return _WEIGHTS_MB["context-encoder"] + windows * 12.0 + base * 8
     return base * (1 + _WORKING_FACTOR.get(plan.method, 8))
 
