@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# On a machine with one NVIDIA GPU, in at most 8 minutes, offline, installing nothing (no .venv:
+# the machine's own python with torch): JSON + log in GPU_OUT (docs/gpu.md). DATA: the folder
+# of sample images (default $$ADVPURIFY_DATA). On a CPU, GPU_CHECK_ARGS=--dry-run proves it runs.
+GPU_OUT ?= gpu-check-out
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(GPU_OUT) $(if $(DATA),--data $(DATA)) $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check advpurify tests benchmarks

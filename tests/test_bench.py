@@ -99,7 +99,9 @@ def test_cli_bench_table_and_json(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "img/s" in result.output and "ort-cpu" in result.output
-    rows = json.loads(out.read_text())
+    payload = json.loads(out.read_text())
+    rows = payload["results"]
+    assert payload["machine"]["versions"]["torch"] == torch.__version__.split("+")[0]
     assert len(rows) == 2 and all(KEYS <= set(row) for row in rows)
     assert {row["backend"] for row in rows} == {"torch", "ort-cpu"}
 
@@ -161,3 +163,167 @@ def test_end_to_end_eval_figure(sample_dir):
     assert figure.top1 is not None and 0 <= figure.top1 <= 1
     row = figure.to_json()
     assert KEYS <= set(row) and row["backend"] == "ort-cpu end-to-end"
+
+
+# ------------------------------------------------------------------ bench --method
+
+METHOD_KEYS = {
+    "method",
+    "params",
+    "device",
+    "batch_size",
+    "size",
+    "p50_ms",
+    "p95_ms",
+    "images_per_s",
+    "peak_mb",
+}
+
+
+def test_cli_bench_methods_json_shape_and_plot(tmp_path):
+    out, plot = tmp_path / "methods.json", tmp_path / "methods.png"
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--method", "rescale", "--method", "median", "-p", "median.kernel=5",
+         "--size", "32", "--size", "48", "--batch-size", "1", "--batch-size", "3",
+         "--iterations", "4", "--warmup", "1", "--json", str(out), "--plot", str(plot)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    machine = payload["machine"]
+    assert machine["cpu"] and machine["torch_threads"] >= 1 and machine["versions"]["torch"]
+    assert "gpu" in machine
+    rows = payload["results"]
+    assert len(rows) == 2 * 2 * 2
+    assert {(r["method"], r["size"], r["batch_size"]) for r in rows} == {
+        (m, s, b) for m in ("rescale", "median") for s in (32, 48) for b in (1, 3)
+    }
+    for row in rows:
+        assert METHOD_KEYS <= set(row)
+        assert row["device"] == "cpu" and row["stage"] == "purifier"
+        assert 0 < row["p50_ms"] <= row["p95_ms"]
+        assert row["images_per_s"] > 0 and row["peak_mb"] > 0
+    assert {r["params"]["kernel"] for r in rows if r["method"] == "median"} == {5}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sample_batch_is_real_photographs():
+    photos = bench_methods_module().sample_batch(9, 40)
+    assert photos.shape == (9, 3, 40, 40)
+    # Eight distinct photographs, cycled; not noise (neighbouring pixels correlate).
+    assert torch.equal(photos[0], photos[8]) and not torch.equal(photos[0], photos[1])
+    assert (photos[:, :, 1:] - photos[:, :, :-1]).abs().mean() < 0.1
+    noise = bench_methods_module().sample_batch(2, 40, random=True)
+    assert (noise[:, :, 1:] - noise[:, :, :-1]).abs().mean() > 0.2
+
+
+def bench_methods_module():
+    import advpurify.export.bench as module
+
+    return module
+
+
+def test_dip_time_grows_with_its_steps_and_extrapolation_says_so():
+    from advpurify.export.bench import bench_methods
+
+    tiny = {"dip": {"channels": "4", "input_depth": "4", "scales": "2", "iterations": "300"}}
+    # Interleaved, best of several: a loaded machine cannot reverse a 12x difference in work.
+    best = {}
+    for _ in range(2):
+        for steps in (2, 24):
+            (row,) = bench_methods(
+                ["dip"], params=tiny, batch_sizes=(1,), sizes=(32,),
+                warmup=0, iterations=2, fit_steps=steps,
+            )  # fmt: skip
+            best[steps] = min(best.get(steps, float("inf")), row.p50_ms)
+            assert row.fit_steps == row.steps == steps and not row.extrapolated
+    assert best[24] > 2 * best[2]
+    (row,) = bench_methods(
+        ["dip"], params=tiny, batch_sizes=(1,), sizes=(32,), warmup=0, iterations=1,
+        fit_steps=3, extrapolate=True,
+    )  # fmt: skip
+    assert row.extrapolated and row.fit_steps == 3 and row.steps == 300
+    assert row.describe_steps() == "300 (extrapolated from 3)"
+
+
+def test_end_to_end_is_at_least_the_classifier_alone():
+    from advpurify.export.bench import bench_methods
+
+    rows = bench_methods(
+        ["tvm"], batch_sizes=(2,), sizes=(64,), classifier="timm:test_efficientnet",
+        backend="torch", weights="random", warmup=1, iterations=5,
+    )  # fmt: skip
+    by_stage = {r.stage: r for r in rows}
+    assert set(by_stage) == {"classifier", "purifier", "end-to-end"}
+    alone, deployed = by_stage["classifier"], by_stage["end-to-end"]
+    assert alone.method == "none" and deployed.method == "tvm"
+    assert deployed.classifier == alone.classifier == "timm:test_efficientnet"
+    assert deployed.backend == "torch"
+    # TV denoising (200 iterations) costs far more than a tiny network: the sum shows it.
+    assert deployed.p50_ms >= alone.p50_ms
+    assert deployed.images_per_s <= alone.images_per_s
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--method", "dip", "--batch-size", "100000", "--size", "2048"], "dip needs about"),
+        (["--method", "rescale", "-p", "dip.iterations=3"], "dip is not one of the --method"),
+        (["--method", "rescale", "-p", "rescale.factor=7"], "factor=7.0: must be <= 1.0"),
+        (["--method", "rescale", "--model", "googlenet"], "separate benchmarks"),
+        (["--method", "ppgn", "--size", "4"], "at least 8 pixels"),
+    ],
+)
+def test_bad_method_options_are_one_line_before_timing(args, message, monkeypatch):
+    import advpurify.export.bench as module
+
+    def never(*_a, **_k):
+        raise AssertionError("timed before checking the options")
+
+    monkeypatch.setattr(module, "time_batches", never)
+    result = CliRunner().invoke(app, ["bench", *args])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_cuda_device_without_a_gpu_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("checks the error of a machine without a GPU")
+    result = CliRunner().invoke(app, ["bench", "--method", "rescale", "--device", "cuda"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "error: device 'cuda' requested but CUDA is not available here"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bench_reports_device_memory_and_matches_the_row_shape():
+    from advpurify.export.bench import bench_methods
+
+    rows = bench_methods(
+        ["rescale", "tvm"], devices=("cuda",), batch_sizes=(1, 8), sizes=(64,),
+        warmup=1, iterations=3,
+    )  # fmt: skip
+    for row in rows:
+        assert row.device == "cuda" and 0 < row.p50_ms <= row.p95_ms
+        # torch.cuda.max_memory_allocated: at least the input batch itself.
+        assert row.peak_mb >= row.batch_size * 3 * 64 * 64 * 4 / 2**20
+
+
+def test_end_to_end_folder_predictions_equal_the_exact_path(sample_dir, sample_paths):
+    """bench's end-to-end figure classifies with the fast decoder; it must predict as the exact
+    path (advpurify.images + resize_center_crop + the module) does, image for image."""
+    from advpurify.models.classifiers import resize_center_crop
+
+    figure = bench_eval(sample_dir, "test-bench-tiny", "torch", batch_size=16, repeats=1)
+    module = TinyClassifier().eval()
+    exact = {}
+    with torch.inference_mode():
+        for path in sample_paths:
+            image = resize_center_crop(load_image(path)[None], 256, 224, "bilinear")
+            exact[str(path)] = int(module(image).argmax(1))
+    assert figure.images == len(sample_paths) == len(figure.predictions)
+    assert figure.predictions == exact

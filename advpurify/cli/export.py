@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -122,20 +121,45 @@ def export_command(
 
 
 def bench_command(
-    model: list[str] = typer.Option(["googlenet"], "--model", "-m", help="Repeat for several."),
+    model: list[str] = typer.Option(
+        [], "--model", "-m", help="Repeat for several (default googlenet without --method)."
+    ),
+    method: list[str] = typer.Option(
+        [], "--method", help="Time purification methods instead (repeatable; see `methods`)."
+    ),
+    param: list[str] = typer.Option(
+        [], "--param", "-p", help="Method parameter METHOD.name=value (repeatable)."
+    ),
+    device: list[str] = typer.Option(["cpu"], "--device", help="--method: cpu, cuda or auto."),
+    size: list[int] = typer.Option([224], "--size", help="--method: image side; repeatable."),
+    classifier: str | None = typer.Option(
+        None, help="--method: also time purifier + this classifier, and the classifier alone."
+    ),
     backend: list[str] = typer.Option(
-        ["torch", "ort-cpu"],
+        [],
         "--backend",
         "-b",
-        help="torch, torch-compile, ort-cpu, ort-cuda, ort-trt, tensorrt or auto; repeatable.",
+        help="torch, torch-compile, ort-cpu, ort-cuda, ort-trt, tensorrt or auto; repeatable "
+        "(default torch and ort-cpu; with --classifier one backend, default torch).",
     ),
     batch_size: list[int] = typer.Option([1, 16], "--batch-size", help="Repeatable."),
-    precision: list[str] = typer.Option(["fp32"], "--precision", help="fp32 or fp16; repeatable."),
+    precision: list[str] = typer.Option(
+        ["fp32"], "--precision", help="fp32 or fp16 (--method: bf16/fp16 autocast, CUDA)."
+    ),
     weights: str | None = typer.Option(
-        None, help="'random' times the architecture alone (offline, every model)."
+        None, help="'random' times the architecture alone (offline, every network)."
     ),
     warmup: int = typer.Option(3, min=0, help="Untimed batches first."),
     iterations: int = typer.Option(20, min=1, help="Timed batches."),
+    fit_steps: int = typer.Option(
+        10, min=1, help="--method: fitting steps per timed call of dip and ppgn."
+    ),
+    iterations_per_fit: bool = typer.Option(
+        False,
+        "--iterations-per-fit",
+        help="--method: extrapolate dip and ppgn to their configured step count (linear).",
+    ),
+    random: bool = typer.Option(False, "--random", help="--method: random images, not photos."),
     threads: int | None = typer.Option(None, help="ONNX Runtime intra-op threads."),
     eval_folder: Path | None = typer.Option(
         None, help="Also time end-to-end classification of this folder vs raw inference."
@@ -144,12 +168,103 @@ def bench_command(
     eval_batch_size: int = typer.Option(16, min=1),
     workers: int = typer.Option(2, min=1, help="Decoding threads of the end-to-end figure."),
     json_file: Path | None = typer.Option(None, "--json", help="Write the results as JSON."),
+    plot: Path | None = typer.Option(
+        None, help="--method: images/s against batch size, as FILE.png."
+    ),
 ) -> None:
-    """Latency (p50, p95 per batch) and images/s per model x backend x batch size x precision."""
+    """Latency (p50, p95 per batch) and images/s: per model x backend x batch x precision, or
+    with --method per purification method x device x batch x image size."""
+    if method:
+        if model or eval_folder is not None:
+            raise AdvpurifyError("--method and --model/--eval-folder are separate benchmarks")
+        _bench_methods(
+            method, param, device, size, classifier, backend, batch_size, precision, weights,
+            warmup, iterations, fit_steps, iterations_per_fit, random, threads, json_file, plot,
+        )  # fmt: skip
+        return
+    if plot is not None or classifier is not None or param:
+        raise AdvpurifyError("--plot, --classifier and --param go with --method")
+    _bench_models(
+        model or ["googlenet"], backend or ["torch", "ort-cpu"], batch_size, precision, weights,
+        warmup, iterations, threads, eval_folder, eval_backend, eval_batch_size, workers,
+        json_file,
+    )  # fmt: skip
+
+
+def _bench_methods(
+    methods, param, device, size, classifier, backend, batch_size, precision, weights, warmup,
+    iterations, fit_steps, extrapolate, random, threads, json_file, plot,
+) -> None:  # fmt: skip
     from rich.console import Console
     from rich.table import Table
 
-    from advpurify.export.bench import bench, bench_eval
+    from advpurify.export.bench import bench_methods, parse_method_params, plot_methods, write_json
+
+    if len(backend) > 1 or len(precision) > 1:
+        raise AdvpurifyError("--method takes one --backend (of --classifier) and one --precision")
+    if backend and classifier is None:
+        raise AdvpurifyError("--backend goes with --classifier when timing methods")
+    done: list = []
+    settings = {"command": "bench --method", "fit_steps": fit_steps, "extrapolated": extrapolate}
+
+    def on_result(r) -> None:
+        _note(
+            f"{r.label} {r.device} batch {r.batch_size} size {r.size}: {r.images_per_s:.2f} img/s"
+        )
+        done.append(r)
+        if json_file is not None:  # rewritten after every row: a crash keeps what was measured
+            write_json(json_file, [row.to_json() for row in done], settings)
+
+    results = bench_methods(
+        methods,
+        params=parse_method_params(methods, param),
+        devices=device,
+        batch_sizes=batch_size,
+        sizes=size,
+        classifier=classifier,
+        backend=backend[0] if backend else "torch",
+        weights=weights,
+        warmup=warmup,
+        iterations=iterations,
+        fit_steps=fit_steps,
+        extrapolate=extrapolate,
+        random=random,
+        precision=precision[0],
+        threads=threads,
+        notify=_note,
+        on_result=on_result,
+    )
+    table = Table(title=f"advpurify bench --method ({'random' if random else 'sample'} images)")
+    columns = ("method", "device", "batch", "size", "steps", "p50 ms", "p95 ms", "img/s", "peak MB")
+    for column in columns:
+        table.add_column(
+            column, justify="left" if column in ("method", "steps") else "right", no_wrap=True
+        )
+    for r in results:
+        table.add_row(
+            r.label, r.device, str(r.batch_size), str(r.size), r.describe_steps(),
+            f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.images_per_s:.2f}", f"{r.peak_mb:.0f}",
+        )  # fmt: skip
+    Console().print(table)
+    if any(r.fit_steps for r in results):
+        how = "extrapolated linearly to the configured count" if extrapolate else "as timed"
+        _note(f"dip/ppgn: {fit_steps} fitting steps per timed call, figures {how}")
+    if json_file is not None:
+        write_json(json_file, [r.to_json() for r in results], settings)
+        _note(f"wrote {json_file}")
+    if plot is not None:
+        plot_methods(results, plot)
+        _note(f"wrote {plot}")
+
+
+def _bench_models(
+    model, backend, batch_size, precision, weights, warmup, iterations, threads, eval_folder,
+    eval_backend, eval_batch_size, workers, json_file,
+) -> None:  # fmt: skip
+    from rich.console import Console
+    from rich.table import Table
+
+    from advpurify.export.bench import bench, bench_eval, write_json
 
     for size in [*batch_size, eval_batch_size]:
         checks.in_range("--batch-size", size, 1, MAX_BENCH_BATCH)
@@ -209,8 +324,7 @@ def bench_command(
         )
         payload.append(figure.to_json())
     if json_file is not None:
-        json_file.parent.mkdir(parents=True, exist_ok=True)
-        json_file.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(json_file, payload, {"command": "bench --model"})
         _note(f"wrote {json_file}")
 
 

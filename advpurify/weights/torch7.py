@@ -13,8 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchfile
 from torch import nn
+
+try:
+    import torchfile
+except ImportError:  # only .t7 files need it; a bare GPU machine (make gpu-check) may lack it
+    torchfile = None
 
 from advpurify.weights.registry import WeightsError
 
@@ -32,6 +36,8 @@ def read_t7(path: Path | str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise Torch7Error(f"{path}: no such file")
+    if torchfile is None:
+        raise Torch7Error(f"{path}: reading Torch7 files needs torchfile (pip install torchfile)")
     try:
         return torchfile.load(str(path))
     except (torchfile.T7ReaderException, EOFError, OSError, ValueError, KeyError) as error:
