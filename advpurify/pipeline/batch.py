@@ -224,17 +224,22 @@ def plan_run(
     return RunPlan(input_dir, output_dir, purifier, options, pairs)
 
 
-def execute(plan: RunPlan, on_progress: Callable[[Record], None] | None = None) -> RunSummary:
-    """Purify the plan's images; existing outputs are skipped unless ``overwrite``."""
-    options = plan.options
-    manifest = _Manifest(plan.output_dir / MANIFEST, truncate=options.overwrite)
-    summary = RunSummary(output_dir=plan.output_dir)
-    started = time.perf_counter()
-    lock = threading.Lock()
+class RunRecorder:
+    """Where every image's record goes: ``manifest.jsonl``, the summary and the progress
+    callback. Shared by the engines (local threads here, Ray in ``ray_engine``)."""
 
-    def report(record: Record) -> None:
-        manifest.add(record)
-        with lock:  # writers report from their own threads
+    def __init__(self, plan: RunPlan, on_progress: Callable[[Record], None] | None) -> None:
+        self.plan = plan
+        self.summary = RunSummary(output_dir=plan.output_dir)
+        self._manifest = _Manifest(plan.output_dir / MANIFEST, truncate=plan.options.overwrite)
+        self._on_progress = on_progress
+        self._started = time.perf_counter()
+        self._lock = threading.Lock()
+
+    def report(self, record: Record) -> None:
+        self._manifest.add(record)
+        summary = self.summary
+        with self._lock:  # the local engine's writers report from their own threads
             if record.status == "done":
                 summary.done += 1
             elif record.status == "skipped":
@@ -242,21 +247,39 @@ def execute(plan: RunPlan, on_progress: Callable[[Record], None] | None = None) 
             else:
                 summary.failed += 1
                 summary.failures.append(record)
-            if on_progress:
-                on_progress(record)
+            if self._on_progress:
+                self._on_progress(record)
 
-    todo: list[_Item] = []
-    for src, dst in plan.pairs:
-        if dst.exists() and not options.overwrite:
-            report(Record(str(src), str(dst), "skipped"))
-        else:
-            rel = src.relative_to(plan.input_dir).as_posix()
-            todo.append(_Item(src, dst, image_seed(options.seed, rel)))
+    def pending(self) -> list[_Item]:
+        """The plan's images still to purify; finished outputs are reported as skipped."""
+        options, todo = self.plan.options, []
+        for src, dst in self.plan.pairs:
+            if dst.exists() and not options.overwrite:
+                self.report(Record(str(src), str(dst), "skipped"))
+            else:
+                rel = src.relative_to(self.plan.input_dir).as_posix()
+                todo.append(_Item(src, dst, image_seed(options.seed, rel)))
+        return todo
+
+    def finish(self) -> RunSummary:
+        self._manifest.close()
+        self.summary.seconds = time.perf_counter() - self._started
+        return self.summary
+
+
+def failure_reason(error: BaseException) -> str:
+    """The manifest's reason for an image that could not be read."""
+    return getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
+
+
+def execute(plan: RunPlan, on_progress: Callable[[Record], None] | None = None) -> RunSummary:
+    """Purify the plan's images; existing outputs are skipped unless ``overwrite``."""
+    recorder = RunRecorder(plan, on_progress)
     try:
-        _BatchRunner(plan.purifier, options, report, summary).run(todo)
+        todo = recorder.pending()
+        _BatchRunner(plan.purifier, plan.options, recorder.report, recorder.summary).run(todo)
     finally:
-        manifest.close()
-    summary.seconds = time.perf_counter() - started
+        summary = recorder.finish()
     return summary
 
 
@@ -351,7 +374,7 @@ class _BatchRunner:
                     future.result()
                 except Exception as error:  # noqa: BLE001 - a bad file becomes a record
                     self._give()
-                    reason = getattr(error, "reason", None) or f"{type(error).__name__}: {error}"
+                    reason = failure_reason(error)
                     self.report(Record(str(item.source), None, "failed", reason=reason))
                     continue
                 key = tuple(item.image.shape[-2:])
