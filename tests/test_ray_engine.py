@@ -98,6 +98,7 @@ def test_same_bytes_as_the_local_engine(
     assert sorted(r["status"] for r in manifest) == ["done"] * 12 + ["failed"] * 2
 
 
+@pytest.mark.slow
 def test_same_bytes_as_the_local_engine_dip(ray_local, small_photos: Path, tmp_path: Path):
     local, on_ray = _both_engines(small_photos, tmp_path, "dip", TINY_DIP, seed=3)
     assert on_ray.done == local.done == 4
@@ -138,6 +139,7 @@ def test_an_actor_that_dies_is_restarted_and_its_images_retried(
         assert torch.equal(written, load_image(small_photos / f"{k}.png").flip(-1))
 
 
+@pytest.mark.slow
 def test_killed_driver_leaves_complete_files_and_the_same_command_resumes(
     ray_local, photos: Path, tmp_path: Path
 ) -> None:
