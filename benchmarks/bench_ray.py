@@ -90,14 +90,15 @@ def make_folder(folder: Path, count: int) -> None:
 
 def child(folder: str, out: str) -> None:
     from advpurify.pipeline.batch import PipelineOptions, plan_run
-    from advpurify.pipeline.ray_engine import execute_ray
+    from advpurify.pipeline.ray_engine import execute_ray, object_store_bytes
     from advpurify.purifiers import create
 
+    store_mib = object_store_bytes() / 2**20
     start_ray()
     plan = plan_run(folder, out, create("rescale"), PipelineOptions(batch_size=16, workers=2))
     summary = execute_ray(plan)
     driver_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{summary.done} {summary.seconds:.2f} {driver_mib:.1f}", flush=True)
+    print(f"{summary.done} {summary.seconds:.2f} {driver_mib:.1f} {store_mib:.0f}", flush=True)
     import ray
 
     ray.shutdown()
@@ -145,12 +146,13 @@ def measure_memory(small: int, large: int) -> None:
                 peak = max(peak, _pss_mib(_tree(process.pid)))
                 time.sleep(0.2)
             line = process.stdout.read().strip().splitlines()[-1]
-            done, seconds, driver = line.split()
+            done, seconds, driver, store = line.split()
             peaks[count] = peak
             print(
                 f"ray, {done} images of 128x96: {float(seconds):.1f} s "
                 f"({int(done) / float(seconds):.0f} img/s), peak PSS of all Ray processes "
-                f"{peak:.0f} MiB, driver peak RSS {float(driver):.0f} MiB"
+                f"{peak:.0f} MiB, driver peak RSS {float(driver):.0f} MiB, "
+                f"object store {store} MiB"
             )
     print(f"peak memory ratio {large} / {small} images: {peaks[large] / peaks[small]:.2f}")
 
@@ -165,8 +167,10 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--large", type=int, default=10000)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-compare", action="store_true")
     args = parser.parse_args()
-    compare_engines(args.methods.split(","), args.rounds)
+    if not args.skip_compare:
+        compare_engines(args.methods.split(","), args.rounds)
     if not args.skip_memory:
         measure_memory(args.small, args.large)
 
