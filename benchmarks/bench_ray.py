@@ -145,6 +145,8 @@ def measure_memory(small: int, large: int) -> None:
             while process.poll() is None:
                 peak = max(peak, _pss_mib(_tree(process.pid)))
                 time.sleep(0.2)
+            if process.returncode != 0:
+                raise SystemExit(f"the {count}-image run failed (exit {process.returncode})")
             line = process.stdout.read().strip().splitlines()[-1]
             done, seconds, driver, store = line.split()
             peaks[count] = peak

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,7 +132,7 @@ def test_an_actor_that_dies_is_restarted_and_its_images_retried(
     marker = tmp_path / "died"
     purifier = _DiesOnce(marker=str(marker))
     plan = plan_run(small_photos, tmp_path / "out", purifier, PipelineOptions(batch_size=1))
-    summary = execute_ray(plan, RayOptions(max_restarts=2))
+    summary = execute_ray(plan, ray_options=RayOptions(max_restarts=2))
     assert marker.exists(), "the actor never died: the test proves nothing"
     assert (summary.done, summary.failed) == (4, 0)
     for k in range(4):
@@ -218,3 +219,15 @@ def test_without_ray_engine_ray_is_one_line_naming_the_extra(
     assert result.exit_code == 1
     assert result.stderr == "error: --engine ray needs Ray: pip install 'advpurify[ray]'\n"
     assert not tmp_path.joinpath("o").exists()
+
+
+def test_stop_ends_the_run_and_a_rerun_finishes_it(
+    ray_local, small_photos: Path, tmp_path: Path
+) -> None:
+    stop = threading.Event()
+    stop.set()  # as the CLI does on Ctrl-C
+    plan = plan_run(small_photos, tmp_path / "out", create("bitdepth"))
+    first = execute_ray(plan, None, stop)
+    assert first.done == 1
+    again = execute_ray(plan_run(small_photos, tmp_path / "out", create("bitdepth")))
+    assert again.done + again.skipped == 4 and again.skipped >= 1

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -146,9 +147,9 @@ def connect(address: str) -> bool:
         else:
             # "local" starts a fresh Ray even where RAY_ADDRESS or a `ray start` is around.
             ray.init(address="local", object_store_memory=object_store_bytes(), **common)
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        where = address or "a local Ray"
-        raise AdvpurifyError(f"--ray-address {where!r}: cannot connect ({error})") from None
+    except Exception as error:  # noqa: BLE001 - ray.init raises many kinds; one line for all
+        where = f"--ray-address {address!r}: cannot connect" if address else "cannot start Ray"
+        raise AdvpurifyError(f"{where} ({error})") from None
     return True
 
 
@@ -254,11 +255,18 @@ def _record(source: str, output: str | None, status: str, seconds: float, reason
 
 def execute_ray(
     plan: RunPlan,
-    ray_options: RayOptions | None = None,
     on_progress: Callable[[Record], None] | None = None,
+    stop: threading.Event | None = None,
+    *,
+    ray_options: RayOptions | None = None,
     device: str = "auto",
 ) -> RunSummary:
-    """Purify the plan's images on Ray; the records, manifest and summary are the local ones."""
+    """Purify the plan's images on Ray; the records, manifest and summary are the local ones.
+
+    The arguments before ``*`` are :func:`execute`'s. Setting ``stop`` ends the run at the
+    next record: Ray stops the job's tasks, outputs already renamed into place stay, the rest is
+    left for a rerun of the same command.
+    """
     ray_options = ray_options or RayOptions()
     ray_options.check()
     actor_device = ray_options.actor_device(device)
@@ -269,17 +277,19 @@ def execute_ray(
         recorder = RunRecorder(plan, on_progress)
         try:
             todo = recorder.pending()
-            if todo:
-                for row in _dataset(ray, plan, ray_options, actor_device, todo).iter_rows():
-                    recorder.report(
-                        Record(
-                            input=row["input"],
-                            output=row["output"],
-                            status=row["status"],
-                            seconds=float(row["seconds"]),
-                            reason=row["reason"],
-                        )
+            rows = _dataset(ray, plan, ray_options, actor_device, todo).iter_rows() if todo else []
+            for row in rows:
+                recorder.report(
+                    Record(
+                        input=row["input"],
+                        output=row["output"],
+                        status=row["status"],
+                        seconds=float(row["seconds"]),
+                        reason=row["reason"],
                     )
+                )
+                if stop is not None and stop.is_set():
+                    break
         finally:
             summary = recorder.finish()
     finally:
