@@ -43,3 +43,33 @@ def small_real_images(sample_paths: list[Path]) -> torch.Tensor:
             img = img.convert("RGB").resize((64, 64), Image.BILINEAR)
             arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray (2 CPUs) shared by every test that needs Ray, shut down at the end.
+
+    Its temporary folder (sockets, logs) is a fresh short folder under /tmp, removed after:
+    Ray's socket paths must stay under 108 bytes, and parallel sessions must not share one.
+    """
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'advpurify[ray]'")
+    import logging
+    import shutil
+    import tempfile
+
+    if ray.is_initialized():  # a test started one by hand: share it, do not stop it
+        yield ray
+        return
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=512 * 2**20,
+        _temp_dir=temp,
+        logging_level=logging.WARNING,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -32,9 +32,9 @@ from advpurify.pipeline.batch import (
     check_finite_assignments,
     check_folders,
     default_output_dir,
-    execute,
     plan_run,
 )
+from advpurify.pipeline.ray_engine import Engine, RayOptions, select_engine
 from advpurify.purifiers import create, method_class, method_names, parse_assignments
 
 err_console = Console(stderr=True)
@@ -67,11 +67,20 @@ def batch(
         PIXEL_BUDGET, help="Decoded pixels in flight at once (bounds memory)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data, any size)."),
+    ray_address: str = typer.Option(
+        "", help="Ray: empty starts a local Ray; auto or ray://host:port joins a cluster."
+    ),
+    gpus_per_worker: float = typer.Option(0.0, help="Ray: GPUs of each purifier actor."),
+    cpus_per_worker: float = typer.Option(1.0, help="Ray: CPUs of each purifier actor."),
+    concurrency: int = typer.Option(1, help="Ray: purifier actors."),
 ) -> None:
     """Purify every image in a folder into a mirrored output folder (resumable)."""
     output = output or default_output_dir(input_dir, method)
     # Everything is checked before any work: a bad argument never leaves half a run.
     check_folders(input_dir, output)
+    ray_options = RayOptions(ray_address, gpus_per_worker, cpus_per_worker, concurrency)
+    run = select_engine(engine, ray_options, device)
     options = PipelineOptions(
         batch_size=batch_size,
         workers=workers,
@@ -86,9 +95,11 @@ def batch(
     )
     options.check()
     check_finite_assignments(param)
-    purifier = create(method, device=resolve_device(device), **parse_assignments(param))
+    # The Ray engine builds its purifiers on the workers; the driver's copy only plans.
+    driver_device = resolve_device(device) if engine == "local" else "cpu"
+    purifier = create(method, device=driver_device, **parse_assignments(param))
     plan = plan_run(input_dir, output, purifier, options)
-    summary = _run_with_progress(plan, quiet)
+    summary = _run_with_progress(plan, quiet, run)
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)
 
@@ -105,7 +116,7 @@ def _first_interrupt_stops(stop: threading.Event) -> None:
         signal.signal(signal.SIGINT, handler)
 
 
-def _run_with_progress(plan: RunPlan, quiet: bool) -> RunSummary:
+def _run_with_progress(plan: RunPlan, quiet: bool, run: Engine) -> RunSummary:
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -132,7 +143,7 @@ def _run_with_progress(plan: RunPlan, quiet: bool) -> RunSummary:
         previous = signal.getsignal(signal.SIGINT)
         _first_interrupt_stops(stop)
         try:
-            return execute(plan, on_progress, stop)
+            return run(plan, on_progress, stop)
         finally:
             if threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGINT, previous)
