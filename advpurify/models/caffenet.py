@@ -4,7 +4,7 @@ CaffeNet is AlexNet as trained by BVLC, with pooling *before* local response nor
 conv1 96 k11 s4, pool 3/2, LRN(5, 1e-4, 0.75); conv2 256 k5 p2 (2 groups), pool, LRN; conv3 384
 k3 p1; conv4 384 k3 p1 (2 groups); conv5 256 k3 p1 (2 groups), pool; fc6 4096; ReLU after each.
 Caffe rounds pooling output sizes up (``ceil_mode``). Input: 227 x 227 BGR, 0..255 minus the
-ILSVRC mean; ``forward`` takes [0, 1] RGB of any size and resizes to 227 x 227.
+ILSVRC mean image; ``forward`` takes [0, 1] RGB of any size and resizes to 227 x 227.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advpurify.models.caffe_build import build_caffe_model
-from advpurify.models.caffe_pixels import mean_bgr, rgb01_to_caffe
+from advpurify.models.caffe_pixels import mean_image, rgb01_to_caffe
 from advpurify.weights.convert import checked_state, parameter_shapes
 
 INPUT_SIZE = 227
@@ -37,7 +37,8 @@ class CaffeNetFc6(nn.Module):
         self.fc6 = nn.Linear(256 * 6 * 6, FEATURES)
         self.pool = nn.MaxPool2d(3, stride=2, ceil_mode=True)
         self.norm = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)
-        self.register_buffer("mean", mean_bgr(), persistent=False)
+        # The ILSVRC mean image's 227 x 227 centre, as the PPGN code subtracts it.
+        self.register_buffer("mean", mean_image(INPUT_SIZE), persistent=False)
 
     def caffe(self, images: torch.Tensor) -> torch.Tensor:
         """``N x 3 x 227 x 227`` Caffe-space images -> ``N x 4096`` fc6 after ReLU."""
@@ -49,10 +50,18 @@ class CaffeNetFc6(nn.Module):
         return F.relu(self.fc6(x.flatten(1)))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] RGB of any size -> 227 x 227 Caffe-space input."""
+        """[0, 1] RGB of any size -> 227 x 227 Caffe-space input.
+
+        Antialiased (as PIL's resize, which the PPGN code used): a large photo shrunk without
+        it aliases both E's input and the sampler's data target.
+        """
         if images.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             images = F.interpolate(
-                images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False
+                images,
+                size=(INPUT_SIZE, INPUT_SIZE),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
             )
         return rgb01_to_caffe(images, self.mean)
 

@@ -3,7 +3,7 @@
 G maps a 4096-d CaffeNet fc6 code to a 256 x 256 image: three 4096-unit fully connected layers,
 a reshape to 256 x 4 x 4, then transposed convolutions up to 3 x 256 x 256, LeakyReLU(0.3) after
 every layer but the last. Its output lives in Caffe's pixel space (BGR, 0..255, ILSVRC mean
-subtracted); :meth:`DeePSiMGenerator.caffe` returns that raw output, ``forward`` the
+subtracted, the ILSVRC mean *image*); :meth:`DeePSiMGenerator.caffe` returns that raw output, ``forward`` the
 project's [0, 1] RGB. Layer names are the Caffe ones, so a ``.caffemodel`` maps one to one.
 """
 
@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from advpurify.models.caffe_build import build_caffe_model
-from advpurify.models.caffe_pixels import caffe_to_rgb01, mean_bgr
+from advpurify.models.caffe_pixels import caffe_to_rgb01, crop_offset, mean_image
 from advpurify.weights.convert import checked_state, parameter_shapes
 
 CODE_SIZE = 4096
 OUTPUT_SIZE = 256
 CROP_SIZE = 227  # what CaffeNet sees: the centre of G's output
-CROP_OFFSET = (OUTPUT_SIZE - CROP_SIZE + 1) // 2  # 14, as in the PPGN code
+CROP_OFFSET = crop_offset(CROP_SIZE, OUTPUT_SIZE)  # (256 - 227) // 2 = 14, as in the PPGN code
 NEGATIVE_SLOPE = 0.3
 
 # (Caffe layer name, in channels, out channels, kernel, stride, padding): all Deconvolution.
@@ -60,7 +60,7 @@ class DeePSiMGenerator(nn.Module):
         for name, cin, cout, kernel, stride, pad in DECONVS:
             self.add_module(name, nn.ConvTranspose2d(cin, cout, kernel, stride, pad))
         self.act = nn.LeakyReLU(NEGATIVE_SLOPE)
-        self.register_buffer("mean", mean_bgr(), persistent=False)
+        self.register_buffer("mean", mean_image(OUTPUT_SIZE), persistent=False)
 
     def caffe(self, codes: torch.Tensor) -> torch.Tensor:
         """``N x 4096`` codes -> ``N x 3 x 256 x 256`` BGR, 0..255, mean subtracted."""

@@ -6,14 +6,20 @@ iterations along
     d_h = eps1 * (E(G(h)) - h)                 the prior: h -> image -> h "upside-down" autoencoder
         + data_weight * J_G(h)^T (x - G(h))    keeps the generated image near the input
         + N(0, eps3)                           noise, drawn from the image's own seed
-    h  <- clip(h + lr / mean(|d_h|) * d_h, 0, 30)
+    h  <- clip(h + lr_t / mean(|d_h|) * d_h, 0, 30),  lr_t = lr + (lr_end - lr) * t / steps
 
 (no class term: the true class is unknown and the adversarial prediction is wrong). The output
 is G(h_T): its 227 x 227 centre, the part E sees, resized back to the input's size. Everything
 is computed per image inside the batch (the step normalisation too), so an image's result does
 not depend on its batch-mates. Defaults follow the published "sampling from a real image"
 settings (200 steps, lr 0.5, eps1 1e-5, eps3 1e-17) and the inpainting context weight (1e-9)
-for the data term; G(x)'s pixel scale (0..255) is what these weights were tuned for.
+for the data term; G(x)'s pixel scale (0..255) is what these weights were tuned for. The step
+size anneals linearly from ``lr`` to ``lr_end`` (0) as the PPGN code's does: a constant step
+keeps h_T jittering for ever, and G(h_T) keeps the jitter.
+
+Each run's per-step mean magnitudes of the prior and the data term (per image) are kept in
+:attr:`PPGNPurifier.last_run` (a :class:`SamplerRun`): a debug statistic that shows whether the
+two weights are balanced for the weights in use.
 
 ``stochastic`` is True as a class attribute: with ``eps3 > 0`` the output depends on the seed
 (with ``eps3 = 0`` it does not, and the seed is simply unused). ``differentiable`` is False: the
@@ -23,6 +29,7 @@ sampler is an iterative loop; attacks go through it with BPDA.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +48,7 @@ class PPGNPurifier(Purifier):
     params = (
         Param("steps", int, 200, "sampler iterations", min=0, max=100000),
         Param("lr", float, 0.5, "step size (the step is lr / mean|d_h| per image)", min=0.0),
+        Param("lr_end", float, 0.0, "last step size: lr anneals linearly to it", min=0.0),
         Param("eps1", float, 1e-5, "weight of the prior term E(G(h)) - h", min=0.0),
         Param("data_weight", float, 1e-9, "weight of the term keeping G(h) near the input",
               min=0.0),
@@ -63,6 +71,7 @@ class PPGNPurifier(Purifier):
             require("caffenet-fc6")
         self._models: dict[torch.device, tuple[torch.nn.Module, torch.nn.Module]] = {}
         self._ends: dict[torch.device, object] = {}
+        self.last_run: SamplerRun | None = None
 
     def models(self, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(G, E) on ``device``, loaded once; missing weights raise with the commands to run."""
@@ -81,10 +90,11 @@ class PPGNPurifier(Purifier):
         from advpurify.models.deepsim import center_crop
 
         generator, _ = self.models(images.device)
-        codes = self.sample(images, seeds)
+        self.last_run = self.run_sampler(images, seeds)
         with torch.no_grad():
             ends = self._feed_forward(images.device)
-            out = caffe_to_rgb01(center_crop(ends.generate(codes)), generator.mean)
+            crop = center_crop(ends.generate(self.last_run.codes))
+            out = caffe_to_rgb01(crop, center_crop(generator.mean))
             height, width = images.shape[-2:]
             if out.shape[-2:] != (height, width):
                 shrink = height < out.shape[-2] or width < out.shape[-1]
@@ -96,16 +106,35 @@ class PPGNPurifier(Purifier):
 
     def sample(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         """The sampler's final codes h_T (``N x 4096``) for [0, 1] RGB ``images``."""
+        return self.run_sampler(images, seeds).codes
+
+    def step_size(self, t: int) -> float:
+        """Step ``t`` (0-based) of the linear schedule, as the PPGN sampler computes it."""
+        return self.lr + (self.lr_end - self.lr) * t / self.steps
+
+    def run_sampler(self, images: torch.Tensor, seeds: Sequence[int]) -> SamplerRun:
+        """h_T for [0, 1] RGB ``images``, with the per-step term magnitudes."""
         device = images.device
         generator, encoder = self.models(device)
         target = encoder.preprocess(images.float())  # 227 x 227, Caffe pixel space
         h = self._feed_forward(device).encode(target).clamp(0.0, CODE_MAX)
         gens = generators(seeds, device) if self.eps3 > 0 else None
-        for _ in range(self.steps):
-            h = self._step(h, target, generator, encoder, gens)
-        return h
+        prior, data = [], []
+        for t in range(self.steps):
+            h, d_prior, d_data = self._step(h, target, generator, encoder, gens, self.step_size(t))
+            # Kept on the device (no per-step host sync); read once at the end.
+            prior.append(d_prior.abs().mean(dim=1))
+            data.append(d_data.abs().mean(dim=1))
+        empty = torch.zeros(0, len(images))
+        return SamplerRun(
+            codes=h,
+            prior_magnitude=torch.stack(prior).cpu() if prior else empty,
+            data_magnitude=torch.stack(data).cpu() if data else empty,
+            step_sizes=[self.step_size(t) for t in range(self.steps)],
+        )
 
-    def _step(self, h, target, generator, encoder, gens) -> torch.Tensor:
+    def _step(self, h, target, generator, encoder, gens, lr: float):
+        """One update of h; returns it with the weighted prior and data terms."""
         from advpurify.models.deepsim import center_crop
 
         with torch.enable_grad():
@@ -116,17 +145,17 @@ class PPGNPurifier(Purifier):
                 loss = 0.5 * (crop - target).pow(2).sum()
                 d_data = -torch.autograd.grad(loss, code)[0]
         with torch.no_grad():
-            d_h = self.eps1 * (encoder.caffe(crop.detach()) - h)
-            if self.data_weight > 0:
-                d_h = d_h + self.data_weight * d_data
+            d_prior = self.eps1 * (encoder.caffe(crop.detach()) - h)
+            d_data = self.data_weight * d_data if self.data_weight > 0 else torch.zeros_like(h)
+            d_h = d_prior + d_data
             if gens is not None:
                 noise = torch.stack(
                     [torch.randn(h.shape[1:], generator=g, device=h.device) for g in gens]
                 )
                 d_h = d_h + self.eps3 * noise
             scale = d_h.abs().mean(dim=1, keepdim=True)
-            step = torch.where(scale > 0, self.lr / scale.clamp_min(1e-30), torch.zeros_like(scale))
-            return (h + step * d_h).clamp(0.0, CODE_MAX)
+            step = torch.where(scale > 0, lr / scale.clamp_min(1e-30), torch.zeros_like(scale))
+            return (h + step * d_h).clamp(0.0, CODE_MAX), d_prior, d_data
 
     def _feed_forward(self, device: torch.device):
         """The one-shot ends E(x) and G(h_T): eager torch, or an engine backend."""
@@ -137,6 +166,17 @@ class PPGNPurifier(Purifier):
             else:
                 self._ends[device] = _BackendEnds(generator, encoder, self.backend, device)
         return self._ends[device]
+
+
+@dataclass
+class SamplerRun:
+    """One sampler run: the final codes and, per step and image, the mean magnitude of the
+    weighted prior term ``eps1 * (E(G(h)) - h)`` and data term (``steps x N``, on the CPU)."""
+
+    codes: torch.Tensor
+    prior_magnitude: torch.Tensor
+    data_magnitude: torch.Tensor
+    step_sizes: list[float]
 
 
 class _TorchEnds:
