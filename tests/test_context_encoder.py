@@ -105,7 +105,30 @@ def test_center_mode_changes_only_the_centre(checkpoint: Path, photo: torch.Tens
     inside[y0:y1, x0:x1] = True
     assert torch.equal(out[..., ~inside], photo[..., ~inside])  # bit for bit
     assert (out[..., inside] != photo[..., inside]).float().mean() > 0.99
-    assert abs((y1 - y0) / height - 56 / 128) < 0.01 and abs((x1 - x0) / width - 56 / 128) < 0.01
+    # Aspect kept: a square hole, 56/128 of the shorter side, in the middle.
+    short = min(height, width)
+    assert abs((y1 - y0) / short - 56 / 128) < 0.01 and abs((x1 - x0) / short - 56 / 128) < 0.01
+    assert abs((y0 + y1) / 2 - height / 2) <= 2 and abs((x0 + x1) / 2 - width / 2) <= 2
+
+    # At the released model's scale (shorter side 350) the hole is 56/350 of the shorter side,
+    # and the context the generator sees is the image at that scale, not the whole image.
+    seen = []
+    recorder = ContextEncoder(build_generator("small"))
+    recorder.generator = ConstantCentre(0.0)
+    at_350 = create("context-encoder", mode="center", weights=str(checkpoint), size=350)
+    at_350.model = recorder
+    at_350.inpaint = lambda contexts: seen.append(contexts) or torch.zeros(1, 3, 56, 56)
+    out_350 = at_350(photo)
+    b0, b1, c0, c1 = hole_box(height, width, 350)
+    assert abs((b1 - b0) / short - 56 / 350) < 0.01 and abs((c1 - c0) / short - 56 / 350) < 0.01
+    scale = 350 / short
+    big = torch.nn.functional.interpolate(
+        photo, size=(round(height * scale), round(width * scale)), mode="bilinear",
+        antialias=scale < 1,
+    )  # fmt: skip
+    top, left = (big.shape[-2] - 128) // 2, (big.shape[-1] - 128) // 2
+    torch.testing.assert_close(seen[0], big[..., top : top + 128, left : left + 128])
+    assert torch.equal(out_350[..., :b0, :], photo[..., :b0, :])
 
     # The pasted centre is the generator's prediction: a flat colour comes back flat.
     purifier.model = ContextEncoder(build_generator("small"))

@@ -2,8 +2,8 @@
 
 G maps a 4096-d CaffeNet fc6 code to a 256 x 256 image: three 4096-unit fully connected layers,
 a reshape to 256 x 4 x 4, then transposed convolutions up to 3 x 256 x 256, LeakyReLU(0.3) after
-every layer but the last. Its output lives in Caffe's pixel space (BGR, 0..255, ILSVRC mean
-subtracted, the ILSVRC mean *image*); :meth:`DeePSiMGenerator.caffe` returns that raw output, ``forward`` the
+every layer but the last. Its output lives in Caffe's pixel space (BGR, 0..255, the ILSVRC mean
+image subtracted); :meth:`DeePSiMGenerator.caffe` returns that raw output, ``forward`` the
 project's [0, 1] RGB. Layer names are the Caffe ones, so a ``.caffemodel`` maps one to one.
 """
 

@@ -1,13 +1,18 @@
 """Context Encoder purification: regenerate image regions from their surroundings.
 
-``center`` is the original experiment: the image is downscaled to 128 x 128, the generator
-inpaints the hole, and the inpainted hole, upscaled, replaces the centre of the image at its
-native resolution; every other pixel is returned untouched. ``tiled`` slides the hole over a grid
-so that every region is regenerated from its context: the image is scaled so that its shorter
-side is ``size`` pixels and reflect-padded, each 56 x 56 hole of the grid is inpainted from its
-128 x 128 context, overlapping holes are blended with a tent window, and the result is scaled
-back. All windows of all images in a batch go through the generator together (in chunks of
-``batch``).
+``center`` is the original experiment: the image is scaled so that its shorter side is ``size``
+pixels (aspect kept), the generator inpaints the hole of the central 128 x 128 crop, and the
+inpainted hole, scaled back, replaces the centre of the image at its native resolution; every
+other pixel is returned untouched. ``size`` 128 (the default) shows the generator the whole
+(square) image: the hole covers the central 44% of each side. The released ImageNet model was
+trained on 128-pixel crops of images whose shorter side was 350: ``size=350`` shows it objects
+at that scale, but its hole then covers only 16% of each side (docs/methods.md).
+
+``tiled`` slides the hole over a grid so that every region is regenerated from its context:
+the image is scaled so that its shorter side is ``size`` pixels and reflect-padded, each
+56 x 56 hole of the grid is inpainted from its 128 x 128 context, overlapping holes are blended
+with a tent window, and the result is scaled back. All windows of all images in a batch go
+through the generator together (in chunks of ``batch``).
 """
 
 from __future__ import annotations
@@ -43,13 +48,22 @@ def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 
-def hole_box(height: int, width: int) -> tuple[int, int, int, int]:
-    """The hole [36:92] of the 128 x 128 view, in native pixel coordinates: y0, y1, x0, x1."""
+def center_view(height: int, width: int, size: int = FINE_SIZE) -> tuple[int, int, int, int]:
+    """``center`` mode's working image: shorter side ``size`` (at least 128), aspect kept, and
+    the top-left corner of its central 128 x 128 crop: h, w, top, left."""
+    scale = max(size, FINE_SIZE) / min(height, width)
+    h, w = max(FINE_SIZE, round(height * scale)), max(FINE_SIZE, round(width * scale))
+    return h, w, (h - FINE_SIZE) // 2, (w - FINE_SIZE) // 2
+
+
+def hole_box(height: int, width: int, size: int = FINE_SIZE) -> tuple[int, int, int, int]:
+    """The hole [36:92] of the central 128 x 128 crop, in native pixels: y0, y1, x0, x1."""
+    h, w, top, left = center_view(height, width, size)
     return (
-        round(HOLE_START * height / FINE_SIZE),
-        round(HOLE_END * height / FINE_SIZE),
-        round(HOLE_START * width / FINE_SIZE),
-        round(HOLE_END * width / FINE_SIZE),
+        round((top + HOLE_START) * height / h),
+        round((top + HOLE_END) * height / h),
+        round((left + HOLE_START) * width / w),
+        round((left + HOLE_END) * width / w),
     )
 
 
@@ -94,7 +108,7 @@ class ContextEncoderPurifier(Purifier):
             "size",
             int,
             128,
-            "tiled: shorter image side at which holes are inpainted",
+            "shorter image side at which holes are inpainted (350: the released model's scale)",
             min=HOLE,
             max=4096,
         ),
@@ -168,8 +182,10 @@ class ContextEncoderPurifier(Purifier):
 
     def purify_center(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        holes = self.inpaint(resize(images, (FINE_SIZE, FINE_SIZE)))
-        y0, y1, x0, x1 = hole_box(height, width)
+        h, w, top, left = center_view(height, width, self.size)
+        view = resize(images, (h, w))[..., top : top + FINE_SIZE, left : left + FINE_SIZE]
+        holes = self.inpaint(view)
+        y0, y1, x0, x1 = hole_box(height, width, self.size)
         patch = resize(holes, (y1 - y0, x1 - x0)).clamp(0, 1)
         # Out of place, so that autograd sees the paste; pixels outside the box are copied.
         keep = torch.ones_like(images[:1, :1])
