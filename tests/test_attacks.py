@@ -29,9 +29,9 @@ def lite0():
 
 
 @pytest.fixture(scope="module")
-def sample(lite0, sample_dir):
+def sample(lite0, shared_data):
     """The 100 sample images as 224x224 crops, their labels, and FGSM eps=16 versions."""
-    data = load_dataset(sample_dir, lite0.prepare, lite0.input_size)
+    data = load_dataset(shared_data / "imagenet-sample", lite0.prepare, lite0.input_size)
     labels = torch.tensor(resolve_labels(data.paths, data.root).indices)
     clean = data.float_images()
     adversarial = attack_in_batches(

@@ -18,7 +18,7 @@ import torch
 from advpurify.attacks import AttackConfig, attack
 from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk_predictions
 from advpurify.evaluation.dataset import load_dataset
-from advpurify.evaluation.labels import SOURCE_CLEAN, parse_label, resolve_labels
+from advpurify.evaluation.labels import parse_label, resolve_labels
 from advpurify.files import atomic_write_bytes, check_output_outside
 from advpurify.images import OUTPUT_FORMATS, save_image
 from advpurify.models.classifiers import LoadedClassifier
@@ -61,10 +61,7 @@ def attack_folder(
     check_num_classes(clean_logits, classifier.name)
     clean_preds = topk_predictions(clean_logits, 5)
     resolved = resolve_labels(data.paths, data.root, labels_csv)
-    if resolved.source == SOURCE_CLEAN:
-        labels = clean_preds[:, 0].clone()
-    else:
-        labels = torch.tensor([int(i) for i in resolved.indices])
+    labels = torch.tensor(resolved.or_clean_predictions(clean_preds[:, 0].tolist()))
 
     if target is not None:
         goal = torch.full_like(labels, parse_label(target, "--target"))

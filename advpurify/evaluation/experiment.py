@@ -21,8 +21,8 @@ from advpurify.attacks import AttackConfig, attack
 from advpurify.devices import resolve_device
 from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk_predictions
-from advpurify.evaluation.dataset import Dataset, list_images, load_dataset, to_float
-from advpurify.evaluation.labels import SOURCE_CLEAN, resolve_labels
+from advpurify.evaluation.dataset import list_images, load_dataset, to_float
+from advpurify.evaluation.labels import resolve_labels
 from advpurify.evaluation.stages import Stage
 from advpurify.files import check_output_outside
 from advpurify.models.classifiers import LoadedClassifier, load_classifier
@@ -130,243 +130,273 @@ class _Classify:
         return topk_predictions(logits, 5)
 
 
-def run_experiment(config: ExperimentConfig, log: Log = lambda message: None) -> ExperimentResult:
-    attack_config = config.attack.resolved()
-    methods = parse_methods(config.methods)
-    # Build every purifier first: a bad parameter fails before any expensive work.
-    device = resolve_device(config.device)
-    purifiers = {m: create(m, device=device, **config.params.get(m, {})) for m in methods}
-    unknown = set(config.params) - set(methods)
-    if unknown:
-        raise ParamError(f"parameters given for {', '.join(sorted(unknown))}, not in --methods")
-    if config.adaptive and config.adaptive_n < 1:
-        raise AdvpurifyError(f"--adaptive-n {config.adaptive_n}: must be >= 1")
+class Experiment:
+    """One run of the results table, one method per stage; :meth:`run` calls them in order.
 
-    list_images(config.data)  # an empty or missing folder fails before any loading
-    out = Path(config.out)
-    check_output_outside(config.data, out)  # stage images must not join the data on a rerun
-    out.mkdir(parents=True, exist_ok=True)
-    log(f"loading classifier {config.classifier} ({config.backend}, {device})")
-    classifier = load_classifier(config.classifier, config.backend, device, config.weights)
-    model = classifier.module.to(device)
-    classify = _Classify(classifier, config.batch_size)
+    Construction builds every purifier and checks every setting, so a bad parameter fails
+    before any expensive work. Rows are kept by name (``clean``, ``adversarial``,
+    ``METHOD/adversarial``, ``METHOD/clean``), the same names as the predictions.
+    """
 
-    data = load_dataset(config.data, classifier.prepare, classifier.input_size, config.limit)
-    keys = data.keys()
-    n = len(keys)
-    failed = f", {len(data.failures)} failed to decode" if data.failures else ""
-    log(f"{n} images from {data.root}{failed}")
-    for failure in data.failures:
-        log(f"skipped {failure.path}: {failure.reason}")
-    seeds = [image_seed(config.seed, key) for key in keys]
-
-    clean_preds = classify(data.images)
-    resolved = resolve_labels(data.paths, data.root, config.labels_csv)
-    if resolved.source == SOURCE_CLEAN:
-        label_list = [int(p) for p in clean_preds[:, 0]]
-    else:
-        label_list = [int(i) for i in resolved.indices]
-    labels = torch.tensor(label_list)
-
-    # What every stored image depends on. Not the image list: outputs are per image (by
-    # relative path), so a rerun with more images reuses the ones already done.
-    base_key = {
-        "version": __version__,
-        "classifier": config.classifier,
-        "weights": config.weights,
-        "label_source": resolved.source,
-        "labels_file": str(config.labels_csv) if config.labels_csv else None,
-        "seed": config.seed,
-    }
-    bs = config.batch_size
-
-    def compute_attack(indices: list[int]) -> torch.Tensor:
-        return attack(
-            model,
-            data.float_images(indices).to(device),
-            labels[indices],
-            attack_config,
-            seeds=[seeds[i] for i in indices],
-        )
-
-    log(f"attack: {attack_config.describe()}")
-    adv_stage = Stage(
-        out / "adversarial", {**base_key, "attack": attack_config.as_dict()}, config.overwrite
-    )
-    adversarial = adv_stage.run(keys, compute_attack, bs, _progress(log, "adversarial"))
-    adv_preds = classify(adversarial)
-
-    rows = [
-        Row("Clean", "clean", None, "clean", topk_accuracy(clean_preds, labels)),
-        Row(
-            f"Adversarial ({attack_config.describe()})",
-            "adversarial",
-            None,
-            "adversarial",
-            topk_accuracy(adv_preds, labels),
-        ),
-    ]
-    predictions = {"clean": clean_preds, "adversarial": adv_preds}
-    purified_grid: dict[str, torch.Tensor] = {}
-    grid_count = min(config.grid_images, n)
-
-    for method, purifier in purifiers.items():
-        for source, images in (("adversarial", adversarial), ("clean", data.images)):
-            stage_key = {**base_key, "purifier": purifier.config(), "input": source}
-            if source == "adversarial":
-                stage_key["attack"] = attack_config.as_dict()
-            stage = Stage(out / "methods" / method / source, stage_key, config.overwrite)
-
-            def compute_purify(indices: list[int], images=images, purifier=purifier):
-                batch = to_float(images[indices]).to(device)
-                with torch.no_grad():
-                    return purifier(batch, [seeds[i] for i in indices])
-
-            outputs = stage.run(keys, compute_purify, bs, _progress(log, f"{method} on {source}"))
-            preds = classify(outputs)
-            predictions[f"{method}/{source}"] = preds
-            if source == "adversarial":
-                purified_grid[method] = outputs[:grid_count]
-            rows.append(
-                Row(
-                    f"{method} on {source}",
-                    "purified",
-                    method,
-                    source,
-                    topk_accuracy(preds, labels),
-                    stage.seconds_per_image(),
-                )
-            )
-
-    adaptive_info = None
-    if config.adaptive:
-        adaptive_info = _adaptive(
-            config,
-            attack_config,
-            purifiers,
-            data,
-            labels,
-            seeds,
-            model,
-            classify,
-            rows,
-            predictions,
-            base_key,
-            device,
-            log,
-        )
-
-    report = {
-        "version": __version__,
-        "data": str(data.root),
-        "n": n,
-        "classifier": classifier.name,
-        "backend": classifier.backend,
-        "device": str(device),
-        "attack": attack_config.as_dict(),
-        "attack_description": attack_config.describe(),
-        "attack_seconds_per_image": adv_stage.seconds_per_image(),
-        "methods": {m: p.config()["params"] for m, p in purifiers.items()},
-        "label_source": resolved.source,
-        "metric": "agreement with clean prediction" if resolved.is_pseudo else "accuracy",
-        "seed": config.seed,
-        "adaptive": adaptive_info,
-        "failed": [f.as_dict() for f in data.failures],
-        "rows": [row.as_dict() for row in rows],
-    }
-    from advpurify.evaluation import report as report_writer
-
-    report_writer.write_report(
-        out, report, data, adversarial[:grid_count], purified_grid, labels, predictions
-    )
-    _write_predictions(out / "predictions.csv", keys, labels, predictions)
-    return ExperimentResult(report, out)
-
-
-def _adaptive(
-    config: ExperimentConfig,
-    attack_config: AttackConfig,
-    purifiers: dict[str, Purifier],
-    data: Dataset,
-    labels: torch.Tensor,
-    seeds: list[int],
-    model: torch.nn.Module,
-    classify: _Classify,
-    rows: list[Row],
-    predictions: dict[str, torch.Tensor],
-    base_key: dict[str, Any],
-    device: torch.device,
-    log: Log,
-) -> dict[str, Any]:
-    """PGD with BPDA + EOT aimed at each purifier, on a seeded subset of the images."""
-    n = len(data)
-    subset = sorted(random.Random(config.seed).sample(range(n), min(config.adaptive_n, n)))
-    keys = [data.relative(i) for i in subset]
-    sub_labels = labels[subset]
-    sub_seeds = [seeds[i] for i in subset]
-    pgd = AttackConfig(
-        name="pgd", eps=attack_config.eps, steps=config.adaptive_steps, eot=config.eot
-    ).resolved()
-    info = {
-        "attack": pgd.as_dict(),
-        "attack_description": pgd.describe() + f" BPDA+EOT({config.eot})",
-        "n": len(subset),
-        "images": keys,
-    }
-    bs = config.batch_size
-
-    def run_pgd(purifier: Purifier | None, folder: Path) -> torch.Tensor:
-        stage_key = {
-            **base_key,
-            "adaptive_attack": pgd.as_dict(),
-            "purifier": purifier.config() if purifier is not None else None,
+    def __init__(self, config: ExperimentConfig, log: Log = lambda message: None) -> None:
+        self.config = config
+        self.log = log
+        self.attack_config = config.attack.resolved()
+        methods = parse_methods(config.methods)
+        self.device = resolve_device(config.device)
+        self.purifiers: dict[str, Purifier] = {
+            m: create(m, device=self.device, **config.params.get(m, {})) for m in methods
         }
-        stage = Stage(folder, stage_key, config.overwrite)
+        unknown = set(config.params) - set(methods)
+        if unknown:
+            raise ParamError(f"parameters given for {', '.join(sorted(unknown))}, not in --methods")
+        if config.adaptive and config.adaptive_n < 1:
+            raise AdvpurifyError(f"--adaptive-n {config.adaptive_n}: must be >= 1")
+        list_images(config.data)  # an empty or missing folder fails before any loading
+        self.out = Path(config.out)
+        check_output_outside(config.data, self.out)  # stage images must not join the data
+        self.rows: dict[str, Row] = {}
+        self.predictions: dict[str, torch.Tensor] = {}
+        self.purified_grid: dict[str, torch.Tensor] = {}
+        self.adaptive_info: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ stages
+    def run(self) -> ExperimentResult:
+        self.load()
+        self.label()
+        self.attack_images()
+        for method in self.purifiers:
+            self.purify(method)
+        if self.config.adaptive:
+            self.adaptive()
+        return self.write()
+
+    def load(self) -> None:
+        """The classifier and the images (decode failures are logged and reported)."""
+        config, log = self.config, self.log
+        self.out.mkdir(parents=True, exist_ok=True)
+        log(f"loading classifier {config.classifier} ({config.backend}, {self.device})")
+        self.classifier = load_classifier(
+            config.classifier, config.backend, self.device, config.weights
+        )
+        self.model = self.classifier.module.to(self.device)
+        self.classify = _Classify(self.classifier, config.batch_size)
+        self.data = load_dataset(
+            config.data, self.classifier.prepare, self.classifier.input_size, config.limit
+        )
+        self.keys = self.data.keys()
+        failed = f", {len(self.data.failures)} failed to decode" if self.data.failures else ""
+        log(f"{len(self.keys)} images from {self.data.root}{failed}")
+        for failure in self.data.failures:
+            log(f"skipped {failure.path}: {failure.reason}")
+        self.seeds = [image_seed(config.seed, key) for key in self.keys]
+        self.grid_count = min(config.grid_images, len(self.keys))
+
+    def label(self) -> None:
+        """Labels (path, CSV, or the clean predictions) and the clean row."""
+        config = self.config
+        clean_preds = self.classify(self.data.images)
+        self.resolved = resolve_labels(self.data.paths, self.data.root, config.labels_csv)
+        self.labels = torch.tensor(self.resolved.or_clean_predictions(clean_preds[:, 0].tolist()))
+        # What every stored image depends on. Not the image list: outputs are per image (by
+        # relative path), so a rerun with more images reuses the ones already done.
+        self.base_key = {
+            "version": __version__,
+            "classifier": config.classifier,
+            "weights": config.weights,
+            "label_source": self.resolved.source,
+            "labels_file": str(config.labels_csv) if config.labels_csv else None,
+            "seed": config.seed,
+        }
+        self._add_row("clean", Row("Clean", "clean", None, "clean", {}), clean_preds)
+
+    def attack_images(self) -> None:
+        """The adversarial images (the attack the table is about) and their row."""
+        description = self.attack_config.describe()
+        self.log(f"attack: {description}")
 
         def compute(indices: list[int]) -> torch.Tensor:
-            images = data.float_images([subset[i] for i in indices]).to(device)
             return attack(
-                model,
-                images,
-                sub_labels[indices],
-                pgd,
-                purifier=purifier,
-                seeds=[sub_seeds[i] for i in indices],
+                self.model,
+                self.data.float_images(indices).to(self.device),
+                self.labels[indices],
+                self.attack_config,
+                seeds=[self.seeds[i] for i in indices],
             )
 
-        return stage.run(keys, compute, bs, _progress(log, folder.name + " (adaptive)"))
+        self.adv_stage = self._stage(self.out / "adversarial", attack=self.attack_config.as_dict())
+        self.adversarial = self.adv_stage.run(
+            self.keys, compute, self.config.batch_size, _progress(self.log, "adversarial")
+        )
+        row = Row(f"Adversarial ({description})", "adversarial", None, "adversarial", {})
+        self._add_row("adversarial", row, self.classify(self.adversarial))
 
-    # Reference: the same PGD with no purifier, and the non-adaptive rows on the same subset.
-    plain = run_pgd(None, Path(config.out) / "adaptive" / "none")
-    plain_preds = classify(plain)
-    rows[1].adaptive = _adaptive_fields(
-        plain_preds, sub_labels, predictions["adversarial"], subset, labels
-    )
-    for method, purifier in purifiers.items():
-        folder = Path(config.out) / "adaptive" / method
-        adv = run_pgd(purifier, folder)
-        stage = Stage(
-            folder / "purified",
-            {
-                **base_key,
-                "adaptive_attack": pgd.as_dict(),
-                "purifier": purifier.config(),
-            },
-            config.overwrite,
+    def purify(self, method: str) -> None:
+        """One purifier on the adversarial and on the clean images: two rows."""
+        purifier = self.purifiers[method]
+        for source, images in (("adversarial", self.adversarial), ("clean", self.data.images)):
+            extra = {"attack": self.attack_config.as_dict()} if source == "adversarial" else {}
+            stage = self._stage(
+                self.out / "methods" / method / source,
+                purifier=purifier.config(),
+                input=source,
+                **extra,
+            )
+
+            def compute(indices: list[int], images=images) -> torch.Tensor:
+                batch = to_float(images[indices]).to(self.device)
+                with torch.no_grad():
+                    return purifier(batch, [self.seeds[i] for i in indices])
+
+            outputs = stage.run(
+                self.keys,
+                compute,
+                self.config.batch_size,
+                _progress(self.log, f"{method} on {source}"),
+            )
+            if source == "adversarial":
+                self.purified_grid[method] = outputs[: self.grid_count]
+            row = Row(
+                f"{method} on {source}", "purified", method, source, {}, stage.seconds_per_image()
+            )
+            self._add_row(f"{method}/{source}", row, self.classify(outputs))
+
+    def adaptive(self) -> None:
+        """PGD with BPDA + EOT aimed at each purifier, on a seeded subset of the images.
+
+        The reference (the same PGD with no purifier) fills the adversarial row; then each
+        method's adversarial row gets its adaptive numbers from :meth:`adaptive_method`.
+        """
+        config, n = self.config, len(self.keys)
+        self.subset = sorted(random.Random(config.seed).sample(range(n), min(config.adaptive_n, n)))
+        self.subset_keys = [self.keys[i] for i in self.subset]
+        self.pgd = AttackConfig(
+            name="pgd", eps=self.attack_config.eps, steps=config.adaptive_steps, eot=config.eot
+        ).resolved()
+        self.adaptive_info = {
+            "attack": self.pgd.as_dict(),
+            "attack_description": self.pgd.describe() + f" BPDA+EOT({config.eot})",
+            "n": len(self.subset),
+            "images": self.subset_keys,
+        }
+        plain = self._adaptive_attack(None, self.out / "adaptive" / "none")
+        self.rows["adversarial"].adaptive = self._adaptive_fields("adversarial", plain)
+        for method in self.purifiers:
+            self.adaptive_method(method)
+
+    def adaptive_method(self, method: str) -> None:
+        """The adaptive attack on ``method`` + classifier, then ``method`` on its images."""
+        purifier = self.purifiers[method]
+        folder = self.out / "adaptive" / method
+        adversarial = self._adaptive_attack(purifier, folder)
+        stage = self._stage(
+            folder / "purified", adaptive_attack=self.pgd.as_dict(), purifier=purifier.config()
+        )
+        seeds = [self.seeds[i] for i in self.subset]
+
+        def compute(indices: list[int]) -> torch.Tensor:
+            batch = to_float(adversarial[indices]).to(self.device)
+            with torch.no_grad():
+                return purifier(batch, [seeds[i] for i in indices])
+
+        purified = stage.run(
+            self.subset_keys,
+            compute,
+            self.config.batch_size,
+            _progress(self.log, f"{method} on adaptive"),
+        )
+        name = f"{method}/adversarial"
+        self.rows[name].adaptive = self._adaptive_fields(name, purified)
+
+    def write(self) -> ExperimentResult:
+        """report.json, report.md with its figures, and predictions.csv."""
+        from advpurify.evaluation import report as report_writer
+
+        config, classifier, data = self.config, self.classifier, self.data
+        report = {
+            "version": __version__,
+            "data": str(data.root),
+            "n": len(self.keys),
+            "classifier": classifier.name,
+            "backend": classifier.backend,
+            "device": str(self.device),
+            "attack": self.attack_config.as_dict(),
+            "attack_description": self.attack_config.describe(),
+            "attack_seconds_per_image": self.adv_stage.seconds_per_image(),
+            "methods": {m: p.config()["params"] for m, p in self.purifiers.items()},
+            "label_source": self.resolved.source,
+            "metric": (
+                "agreement with clean prediction" if self.resolved.is_pseudo else "accuracy"
+            ),
+            "seed": config.seed,
+            "adaptive": self.adaptive_info,
+            "failed": [f.as_dict() for f in data.failures],
+            "rows": [row.as_dict() for row in self.rows.values()],
+        }
+        report_writer.write_report(
+            self.out,
+            report,
+            data,
+            self.adversarial[: self.grid_count],
+            self.purified_grid,
+            self.labels,
+            self.predictions,
+        )
+        _write_predictions(self.out / "predictions.csv", self.keys, self.labels, self.predictions)
+        return ExperimentResult(report, self.out)
+
+    # ------------------------------------------------------------------ helpers
+    def _stage(self, folder: Path, **key: Any) -> Stage:
+        return Stage(folder, {**self.base_key, **key}, self.config.overwrite)
+
+    def _add_row(self, name: str, row: Row, predictions: torch.Tensor) -> None:
+        row.metrics = topk_accuracy(predictions, self.labels)
+        self.rows[name] = row
+        self.predictions[name] = predictions
+
+    def _adaptive_attack(self, purifier: Purifier | None, folder: Path) -> torch.Tensor:
+        """The adaptive PGD on the subset, through ``purifier`` (None: the plain classifier)."""
+        stage = self._stage(
+            folder,
+            adaptive_attack=self.pgd.as_dict(),
+            purifier=purifier.config() if purifier is not None else None,
+        )
+        labels = self.labels[self.subset]
+        seeds = [self.seeds[i] for i in self.subset]
+
+        def compute(indices: list[int]) -> torch.Tensor:
+            images = self.data.float_images([self.subset[i] for i in indices]).to(self.device)
+            return attack(
+                self.model,
+                images,
+                labels[indices],
+                self.pgd,
+                purifier=purifier,
+                seeds=[seeds[i] for i in indices],
+            )
+
+        return stage.run(
+            self.subset_keys,
+            compute,
+            self.config.batch_size,
+            _progress(self.log, folder.name + " (adaptive)"),
         )
 
-        def purify(indices: list[int], adv=adv, purifier=purifier) -> torch.Tensor:
-            with torch.no_grad():
-                return purifier(to_float(adv[indices]).to(device), [sub_seeds[i] for i in indices])
+    def _adaptive_fields(self, row: str, images: torch.Tensor) -> dict[str, float]:
+        """Adaptive accuracy of the subset's final images, beside the same row's
+        non-adaptive accuracy on the same subset."""
+        return _adaptive_fields(
+            self.classify(images),
+            self.labels[self.subset],
+            self.predictions[row],
+            self.subset,
+            self.labels,
+        )
 
-        purified = stage.run(keys, purify, bs, _progress(log, f"{method} on adaptive"))
-        preds = classify(purified)
-        for row in rows:
-            if row.method == method and row.input == "adversarial":
-                row.adaptive = _adaptive_fields(
-                    preds, sub_labels, predictions[f"{method}/adversarial"], subset, labels
-                )
-    return info
+
+def run_experiment(config: ExperimentConfig, log: Log = lambda message: None) -> ExperimentResult:
+    """The whole table in one call: ``Experiment(config, log).run()``."""
+    return Experiment(config, log).run()
 
 
 def _adaptive_fields(
@@ -421,6 +451,7 @@ def _write_predictions(
 
 
 __all__ = [
+    "Experiment",
     "ExperimentConfig",
     "ExperimentResult",
     "parse_method_params",

@@ -92,6 +92,13 @@ class Labels:
     def is_pseudo(self) -> bool:
         return self.source == SOURCE_CLEAN
 
+    def or_clean_predictions(self, clean_top1: Sequence[int]) -> list[int]:
+        """The class indices; with no labels, the classifier's clean top-1 as pseudo-labels
+        (numbers are then agreement with the clean prediction, not accuracy)."""
+        if self.is_pseudo:
+            return [int(p) for p in clean_top1]
+        return [int(i) for i in self.indices]  # type: ignore[arg-type]
+
 
 def resolve_labels(paths: Sequence[Path], root: Path, labels_csv: Path | None = None) -> Labels:
     """Labels for ``paths`` (all below ``root``): from the CSV, else from the paths, else none.
