@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from advpurify.images import load_image, save_image
-from advpurify.train.context_encoder import TrainConfig, TrainError, load_checkpoint, train
+from advpurify.train.context_encoder import (
+    TrainConfig,
+    Trainer,
+    TrainError,
+    load_checkpoint,
+    train,
+)
+from advpurify.train.crops import CropDataset
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +42,10 @@ def _held_out_l2(photos: Path, checkpoint: Path, seed: int) -> tuple[float, floa
     """The weighted L2 of the initial and the trained generator on 16 fixed crops."""
     from advpurify.images import find_images
     from advpurify.models.context_encoder import build_generator, fill_hole
-    from advpurify.train.context_encoder import CropSampler, centre_of, l2_weights
+    from advpurify.train.context_encoder import centre_of, l2_weights
 
     paths = [p for p in find_images(photos) if p.suffix == ".png"]
-    crops = CropSampler(paths, torch.Generator().manual_seed(123)).batch(16) * 2 - 1
+    crops = CropDataset(paths, seed=123).batch(0, 16) * 2 - 1
     weights = l2_weights(10.0, torch.device("cpu"))
     torch.manual_seed(seed)  # the trainer builds its generator right after seeding
     initial = build_generator("small")
@@ -60,8 +67,8 @@ def _config(photos: Path, output: Path, **changes) -> TrainConfig:
         batch_size=4,
         checkpoint_every=4,
         sample_every=8,
-        progress=False,
         seed=1,
+        workers=0,
     )
     values.update(changes)
     return TrainConfig(**values)
@@ -86,21 +93,31 @@ def test_losses_finite_l2_decreases_samples_written(photos: Path, tmp_path: Path
     assert grid.shape[0] == 3 and grid.shape[1] > 128 * 8  # 8 rows of context/inpainted/real
 
 
-def test_resume_continues_from_saved_step(photos: Path, tmp_path: Path, capsys) -> None:
+def test_crops_do_not_depend_on_workers_or_order(photos: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from advpurify.images import find_images
+    from advpurify.train.crops import SampleRange
+
+    paths = find_images(photos)  # the broken file included: a sample that draws it redraws
+    dataset = CropDataset(paths, seed=7)
+    expected = dataset.batch(4, 8)
+    assert not torch.equal(expected[:4], dataset.batch(0, 4))  # samples differ from each other
+    loader = DataLoader(dataset, batch_size=4, sampler=SampleRange(4, 12), num_workers=2)
+    got = torch.cat([crops for crops, _ in loader])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # worker threads: rounding
+    assert torch.equal(CropDataset(paths, seed=7)[9][0], expected[5])  # any order, any process
+
+
+def test_resume_continues_from_saved_step(photos: Path, tmp_path: Path) -> None:
     straight = train(_config(photos, tmp_path / "straight.pt", steps=6))
 
-    # Interrupted as a job scheduler does (SIGTERM) during step 3: the step completes, the
-    # checkpoint is written, and the run stops.
+    # Asked to stop during step 3: the step completes, the checkpoint is written, the run stops.
     interrupted = tmp_path / "resumed.pt"
-
-    def terminate(step: int, losses: dict[str, float]) -> None:
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(photos, interrupted, steps=6, checkpoint_every=100), on_step=terminate)
+    trainer = Trainer(_config(photos, interrupted, steps=6, checkpoint_every=100))
+    stopped = trainer.run(should_stop=lambda: trainer.step == 3)
+    assert stopped.interrupted and stopped.step == 3
     assert load_checkpoint(interrupted)["step"] == 3
-    assert "interrupted at step 3" in capsys.readouterr().err
 
     resumed = train(_config(photos, interrupted, steps=6, resume=True))
     assert resumed.start_step == 3
@@ -144,6 +161,26 @@ def test_cli_trains_and_reports_errors_in_one_line(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "steps 0..2" in result.output and output.is_file()
+
+    # SIGTERM (a job scheduler) during step 2 of 4: the step completes, the checkpoint is
+    # written, the command says how to continue and exits 130; --resume finishes the run.
+    stopped = tmp_path / "stopped.pt"
+    train_step = Trainer.train_step
+
+    def terminate_in_step_2(self, crops):
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(self, crops)
+
+    monkeypatch.setattr(Trainer, "train_step", terminate_in_step_2)
+    four = [*args[:5], str(stopped), "--steps", "4", *args[8:]]
+    result = CliRunner().invoke(app, four)
+    assert result.exit_code == 130, result.output
+    assert "interrupted at step 2" in result.stderr
+    assert load_checkpoint(stopped)["step"] == 2
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    result = CliRunner().invoke(app, [*four, "--resume"])
+    assert result.exit_code == 0 and "steps 2..4" in result.output
 
     # A checkpoint inside the data folder is refused: its sample grids would become data.
     before = sorted(p.name for p in photos.iterdir())

@@ -2,14 +2,19 @@
 
 - Data: random square crops (random scale: the crop side is a uniform fraction ``min_crop..1`` of
   the image's shorter side), random horizontal flips, resized to 128 x 128, from any folder of
-  images. Files that do not decode are skipped with a warning.
+  images (:mod:`advpurify.train.crops`: one seed per sample, decoded by ``DataLoader`` workers
+  into pinned memory). Files that do not decode are skipped with a warning.
 - Loss: ``0.999 * L2 + 0.001 * adversarial``; the L2 term weights the 4-pixel overlap border
   around the hole 10x; the discriminator sees the 64 x 64 centre (real or inpainted).
 - Adam, beta1 0.5, lr 2e-4 for D and 10x that for G (``methods.md``).
 - CUDA when present, with autocast (bf16 where supported, else fp16 with loss scaling).
-- Checkpoints written atomically every ``checkpoint_every`` steps, at the end and on Ctrl-C;
-  ``resume`` continues from the saved step with optimiser, scaler and RNG states, so an
-  interrupted run ends with the same weights as an uninterrupted one (on the same device).
+- :class:`Trainer`: :meth:`Trainer.train_step` is one discriminator + generator update and
+  returns the losses as device tensors (no host sync per step); :meth:`Trainer.run` loops,
+  writes checkpoints atomically every ``checkpoint_every`` steps and at the end, and stops
+  cleanly between steps when ``should_stop()`` says so (the CLI wires Ctrl-C and SIGTERM to
+  it, and owns the progress bar). ``resume`` continues from the saved step with optimiser,
+  scaler and RNG states and the same crops, so an interrupted run ends with the same weights
+  as an uninterrupted one (on the same device).
 - Sample grids (context, inpainted, real) written as PNG every ``sample_every`` steps.
 """
 
@@ -17,36 +22,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
 import sys
-import threading
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
-from advpurify.errors import AdvpurifyError, load_error
+from advpurify.devices import resolve_device
+from advpurify.errors import load_error
 from advpurify.files import atomic_output, check_output_outside
-from advpurify.images import ImageDecodeError, find_images, load_image, save_image
+from advpurify.images import find_images, save_image
 from advpurify.models.context_encoder import (
     CENTER,
     CENTER_START,
-    FINE_SIZE,
     OVERLAP,
     SIZES,
     build_discriminator,
     build_generator,
     fill_hole,
 )
+from advpurify.train.crops import CropDataset, SampleRange, TrainError
 
 CHECKPOINT_FORMAT = "advpurify-context-encoder-train-1"
-
-
-class TrainError(AdvpurifyError):
-    """Bad training input: no images, an unreadable or mismatched checkpoint."""
+PREVIEW_COUNT = 8
 
 
 @dataclasses.dataclass
@@ -68,7 +69,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     resume: bool = False
-    progress: bool = True
+    workers: int = 2
 
 
 @dataclasses.dataclass
@@ -78,90 +79,10 @@ class TrainResult:
     step: int
     history: list[dict[str, float]]
     samples: list[Path]
+    interrupted: bool = False
 
 
-# ---------------------------------------------------------------------------- data
-
-
-class CropSampler:
-    """Random 128 x 128 crops from a list of image files, drawn from one seeded generator.
-
-    Decoded images are kept in memory (as uint8) up to ``cache_mb``; beyond that they are
-    decoded again when drawn. A file that fails to decode is reported once and never drawn again
-    (the draw is repeated), so the sequence of crops depends only on the generator state.
-    """
-
-    def __init__(
-        self,
-        paths: list[Path],
-        generator: torch.Generator,
-        min_crop: float = 0.3,
-        cache_mb: float = 2048,
-        warn: Callable[[str], None] | None = None,
-    ) -> None:
-        if not paths:
-            raise TrainError("no images to train on")
-        self.paths = paths
-        self.generator = generator
-        self.min_crop = min_crop
-        self.cache: dict[int, torch.Tensor] = {}
-        self.cache_bytes, self.cache_limit = 0, int(cache_mb * 2**20)
-        self.bad: set[int] = set()
-        self.warn = warn or (lambda message: warnings.warn(message, stacklevel=2))
-
-    def _image(self, index: int) -> torch.Tensor | None:
-        if index in self.cache:
-            return self.cache[index]
-        try:
-            image = load_image(self.paths[index])
-        except ImageDecodeError as error:
-            self.bad.add(index)
-            self.warn(f"skipping {error}")
-            if len(self.bad) == len(self.paths):
-                raise TrainError(f"none of the {len(self.paths)} images could be read") from None
-            return None
-        stored = (image * 255).round().to(torch.uint8)
-        if self.cache_bytes + stored.numel() <= self.cache_limit:
-            self.cache[index] = stored
-            self.cache_bytes += stored.numel()
-        return stored
-
-    def _draw(self, high: int) -> int:
-        return int(torch.randint(high, (1,), generator=self.generator))
-
-    def crop(self) -> torch.Tensor:
-        """One crop, ``3 x 128 x 128`` float32 in [0, 1]."""
-        while True:
-            index = self._draw(len(self.paths))
-            if index in self.bad:
-                continue
-            image = self._image(index)
-            if image is not None:
-                break
-        _, height, width = image.shape
-        short = min(height, width)
-        fraction = self.min_crop + (1 - self.min_crop) * float(
-            torch.rand((), generator=self.generator)
-        )
-        side = max(1, min(short, round(fraction * short)))
-        top = self._draw(height - side + 1)
-        left = self._draw(width - side + 1)
-        flip = bool(torch.rand((), generator=self.generator) < 0.5)
-        patch = image[:, top : top + side, left : left + side].float().div_(255)[None]
-        if flip:
-            patch = patch.flip(-1)
-        shrink = side > FINE_SIZE
-        patch = F.interpolate(
-            patch,
-            size=(FINE_SIZE, FINE_SIZE),
-            mode="bilinear",
-            align_corners=False,
-            antialias=shrink,
-        )
-        return patch[0].clamp_(0, 1)
-
-    def batch(self, count: int) -> torch.Tensor:
-        return torch.stack([self.crop() for _ in range(count)])
+StepCallback = Callable[[int, dict[str, torch.Tensor]], None]
 
 
 # ---------------------------------------------------------------------------- losses
@@ -206,153 +127,210 @@ def _autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def train(
-    config: TrainConfig,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Train (or continue training) a context encoder; returns the losses of the steps run."""
-    from advpurify.devices import resolve_device
-
+def _check(config: TrainConfig) -> list[Path]:
+    """Every setting and path, before anything is built; returns the training images."""
     if config.size not in SIZES:
         raise TrainError(f"size {config.size!r}: use one of {', '.join(SIZES)}")
     if config.steps < 1 or config.batch_size < 1:
         raise TrainError("steps and batch size must be at least 1")
+    if config.workers < 0:
+        raise TrainError(f"workers {config.workers}: must be >= 0")
     data = Path(config.data)
     if not data.is_dir():
         raise TrainError(f"{data}: not a folder of images")
     output = Path(config.output)
     # The checkpoint's sample grids are PNG files: inside the data they would become training data.
-    check_output_outside(data, output.with_name(output.stem + "-samples"))
+    check_output_outside(data, sample_folder(output))
     if output.exists() and not config.resume:
         raise TrainError(f"{output} exists: pass --resume to continue it, or choose another path")
     paths = find_images(data)
     if not paths:
         raise TrainError(f"{data}: no image files found")
+    return paths
 
-    device = resolve_device(config.device)
-    amp_dtype = _autocast_dtype(device, config.amp)
-    torch.manual_seed(config.seed)
-    netG = build_generator(config.size).to(device)
-    netD = build_discriminator(config.size).to(device)
-    betas = (config.beta1, 0.999)
-    optG = torch.optim.Adam(netG.parameters(), lr=config.lr * config.g_lr_mult, betas=betas)
-    optD = torch.optim.Adam(netD.parameters(), lr=config.lr, betas=betas)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    data_rng = torch.Generator().manual_seed(config.seed)
-    sampler = CropSampler(paths, data_rng, config.min_crop, warn=_warn)
-    # A fixed batch for the sample grids, from its own generator (does not move data_rng).
-    preview = CropSampler(
-        paths,
-        torch.Generator().manual_seed(config.seed + 1),
-        config.min_crop,
-        cache_mb=0,
-        warn=lambda _m: None,
-    ).batch(8)
 
-    start = 0
-    if config.resume and output.exists():
-        state = load_checkpoint(output)
-        if state["size"] != config.size:
-            raise TrainError(f"{output}: trained with --size {state['size']}, not {config.size}")
-        netG.load_state_dict(state["G"])
-        netD.load_state_dict(state["D"])
-        optG.load_state_dict(state["optG"])
-        optD.load_state_dict(state["optD"])
-        scaler.load_state_dict(state["scaler"])
-        data_rng.set_state(state["data_rng"])
+def sample_folder(output: Path) -> Path:
+    return output.with_name(output.stem + "-samples")
+
+
+class Trainer:
+    """The GAN of one training run: networks, optimisers, data, and the step counter."""
+
+    def __init__(self, config: TrainConfig, warn: Callable[[str], None] | None = None) -> None:
+        paths = _check(config)
+        self.config = config
+        self.warn = warn or _warn
+        self.output = Path(config.output)
+        self.device = resolve_device(config.device)
+        self.amp_dtype = _autocast_dtype(self.device, config.amp)
+        torch.manual_seed(config.seed)
+        self.netG = build_generator(config.size).to(self.device)
+        self.netD = build_discriminator(config.size).to(self.device)
+        betas = (config.beta1, 0.999)
+        lr_g = config.lr * config.g_lr_mult
+        self.optG = torch.optim.Adam(self.netG.parameters(), lr=lr_g, betas=betas)
+        self.optD = torch.optim.Adam(self.netD.parameters(), lr=config.lr, betas=betas)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.crops = CropDataset(paths, config.seed, config.min_crop)
+        # A fixed batch for the sample grids, from its own seed (not the training samples').
+        self.preview = CropDataset(paths, config.seed + 1, config.min_crop, cache_mb=0).batch(
+            0, PREVIEW_COUNT
+        )
+        self.weights = l2_weights(config.overlap_weight, self.device)
+        self.start_step = self.step = 0
+        if config.resume and self.output.exists():
+            self._restore(load_checkpoint(self.output))
+        self.netG.train()
+        self.netD.train()
+        self._warned: set[str] = set()
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state["size"] != self.config.size:
+            raise TrainError(
+                f"{self.output}: trained with --size {state['size']}, not {self.config.size}"
+            )
+        self.netG.load_state_dict(state["G"])
+        self.netD.load_state_dict(state["D"])
+        self.optG.load_state_dict(state["optG"])
+        self.optD.load_state_dict(state["optD"])
+        self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
-        start = int(state["step"])
-    netG.train()
-    netD.train()
+        self.start_step = self.step = int(state["step"])
 
-    weights = l2_weights(config.overlap_weight, device)
-    history: list[dict[str, float]] = []
-    samples: list[Path] = []
-    sample_dir = output.with_name(output.stem + "-samples")
+    # ------------------------------------------------------------------ data
+    def batches(self) -> Iterator[torch.Tensor]:
+        """The remaining steps' batches, decoded by workers into pinned memory."""
+        size = self.config.batch_size
+        loader = DataLoader(
+            self.crops,
+            batch_size=size,
+            sampler=SampleRange(self.step * size, self.config.steps * size),
+            num_workers=self.config.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if self.config.workers else None,
+        )
+        for crops, skipped in loader:
+            for message in {line for text in skipped for line in text.splitlines()}:
+                if message not in self._warned:
+                    self._warned.add(message)
+                    self.warn(message)
+            yield crops
 
-    def snapshot(step: int) -> dict[str, Any]:
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def train_step(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One discriminator and one generator update on a batch of [0, 1] crops.
+
+        Returns the losses as detached device tensors: reading them is the caller's choice
+        (each ``.item()`` waits for the GPU).
+        """
+        real = crops.to(self.device, non_blocking=True) * 2 - 1
+        real_centre = centre_of(real)
+        with self._autocast():
+            fake = self.netG(fill_hole(real))
+            # Discriminator: real centres -> 1, inpainted centres -> 0.
+            d_real = self.netD(real_centre)
+            d_fake = self.netD(fake.detach())
+            loss_d = F.binary_cross_entropy_with_logits(
+                d_real.float(), torch.ones_like(d_real, dtype=torch.float32)
+            ) + F.binary_cross_entropy_with_logits(
+                d_fake.float(), torch.zeros_like(d_fake, dtype=torch.float32)
+            )
+        self.optD.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_d).backward()
+        self.scaler.step(self.optD)
+
+        with self._autocast():
+            d_fake = self.netD(fake)
+            adv = F.binary_cross_entropy_with_logits(
+                d_fake.float(), torch.ones_like(d_fake, dtype=torch.float32)
+            )
+            l2 = (self.weights * (fake.float() - real_centre) ** 2).mean()
+            loss_g = (1 - self.config.wtl2) * adv + self.config.wtl2 * l2
+        self.optG.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_g).backward()
+        self.scaler.step(self.optG)
+        self.scaler.update()
+        self.step += 1
+        return {"l2": l2.detach(), "adv": adv.detach(), "d": loss_d.detach()}
+
+    # ------------------------------------------------------------------ outputs
+    def snapshot(self) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
-            "step": step,
-            "size": config.size,
-            "G": netG.state_dict(),
-            "D": netD.state_dict(),
-            "optG": optG.state_dict(),
-            "optD": optD.state_dict(),
-            "scaler": scaler.state_dict(),
-            "data_rng": data_rng.get_state(),
+            "step": self.step,
+            "size": self.config.size,
+            "G": self.netG.state_dict(),
+            "D": self.netD.state_dict(),
+            "optG": self.optG.state_dict(),
+            "optD": self.optD.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "config": {k: str(v) for k, v in dataclasses.asdict(config).items()},
+            "config": {k: str(v) for k, v in dataclasses.asdict(self.config).items()},
         }
 
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=amp_dtype)
+    def save(self) -> None:
+        save_checkpoint(self.output, self.snapshot())
 
-    step = start
-    progress = _progress(config.progress)
-    stop = _StopRequest()
-    try:
-        with progress, stop:
-            task = progress.add_task(
-                "context encoder", total=config.steps, completed=start, losses=""
-            )
-            while step < config.steps:
-                real = sampler.batch(config.batch_size).to(device, non_blocking=True) * 2 - 1
-                real_centre = centre_of(real)
-                with autocast():
-                    fake = netG(fill_hole(real))
-                    # Discriminator: real centres -> 1, inpainted centres -> 0.
-                    d_real = netD(real_centre)
-                    d_fake = netD(fake.detach())
-                    loss_d = F.binary_cross_entropy_with_logits(
-                        d_real.float(), torch.ones_like(d_real, dtype=torch.float32)
-                    ) + F.binary_cross_entropy_with_logits(
-                        d_fake.float(), torch.zeros_like(d_fake, dtype=torch.float32)
-                    )
-                optD.zero_grad(set_to_none=True)
-                scaler.scale(loss_d).backward()
-                scaler.step(optD)
+    def write_samples(self) -> Path:
+        target = sample_folder(self.output) / f"step-{self.step:07d}.png"
+        return write_samples(self.netG, self.preview, target)
 
-                with autocast():
-                    d_fake = netD(fake)
-                    adv = F.binary_cross_entropy_with_logits(
-                        d_fake.float(), torch.ones_like(d_fake, dtype=torch.float32)
-                    )
-                    l2 = (weights * (fake.float() - real_centre) ** 2).mean()
-                    loss_g = (1 - config.wtl2) * adv + config.wtl2 * l2
-                optG.zero_grad(set_to_none=True)
-                scaler.scale(loss_g).backward()
-                scaler.step(optG)
-                scaler.update()
-                step += 1
+    # ------------------------------------------------------------------ the loop
+    def run(
+        self,
+        on_step: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TrainResult:
+        """Train up to ``config.steps``; stop early, checkpointed, when ``should_stop()``."""
+        config = self.config
+        start = self.step
+        losses: list[dict[str, torch.Tensor]] = []
+        samples: list[Path] = []
+        interrupted = False
+        for crops in self.batches():
+            step_losses = self.train_step(crops)
+            losses.append(step_losses)
+            if on_step is not None:
+                on_step(self.step, step_losses)
+            last = self.step == config.steps
+            if self.step % config.checkpoint_every == 0 or last:
+                self.save()
+            if config.sample_every and (self.step % config.sample_every == 0 or last):
+                samples.append(self.write_samples())
+            if not last and should_stop is not None and should_stop():
+                self.save()  # between steps: the checkpoint holds a whole step
+                interrupted = True
+                break
+        return TrainResult(
+            self.output, start, self.step, _history(start, losses), samples, interrupted
+        )
 
-                losses = {"l2": l2.item(), "adv": adv.item(), "d": loss_d.item()}
-                history.append({"step": step, **losses})
-                progress.update(
-                    task,
-                    completed=step,
-                    losses=f"L2 {losses['l2']:.4f}  adv {losses['adv']:.3f}  D {losses['d']:.3f}",
-                )
-                if on_step is not None:
-                    on_step(step, losses)
-                if step % config.checkpoint_every == 0 or step == config.steps:
-                    save_checkpoint(output, snapshot(step))
-                if config.sample_every and (
-                    step % config.sample_every == 0 or step == config.steps
-                ):
-                    target = sample_dir / f"step-{step:07d}.png"
-                    samples.append(write_samples(netG, preview, target))
-                if stop.requested and step < config.steps:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        # Only reached between steps (see _StopRequest), so the saved state is consistent.
-        if step > start:
-            save_checkpoint(output, snapshot(step))
-            _warn(f"interrupted at step {step}: checkpoint saved, continue with --resume")
-        raise
-    return TrainResult(output, start, step, history, samples)
+
+def _history(start: int, losses: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+    """Per-step losses as floats, read from the device once."""
+    if not losses:
+        return []
+    names = list(losses[0])
+    table = torch.stack([torch.stack([step[n].float() for n in names]) for step in losses])
+    return [
+        {"step": start + i + 1, **dict(zip(names, row, strict=True))}
+        for i, row in enumerate(table.cpu().tolist())
+    ]
+
+
+def train(
+    config: TrainConfig,
+    on_step: StepCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainResult:
+    """Train (or continue training) a context encoder; returns the losses of the steps run."""
+    return Trainer(config).run(on_step, should_stop)
 
 
 @torch.no_grad()
@@ -377,51 +355,5 @@ def write_samples(netG: torch.nn.Module, preview: torch.Tensor, path: Path) -> P
     return path
 
 
-class _StopRequest:
-    """Ctrl-C or SIGTERM (a job scheduler) asks the loop to stop after the current step, so
-    that the checkpoint never holds a half-updated step; a second Ctrl-C stops at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        _warn("stopping after this step (Ctrl-C again to stop now)")
-
-    def __enter__(self) -> _StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[losses]}"),
-        disable=not enabled,
-    )
