@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -161,6 +162,13 @@ class Trainer:
         self.config = config
         self.warn = warn or _warn
         self.output = Path(config.output)
+        state = None
+        if config.resume and self.output.exists():
+            state = load_checkpoint(self.output)
+            if state["size"] != config.size:  # before building networks of the wrong size
+                raise TrainError(
+                    f"{self.output}: trained with --size {state['size']}, not {config.size}"
+                )
         self.device = resolve_device(config.device)
         self.amp_dtype = _autocast_dtype(self.device, config.amp)
         torch.manual_seed(config.seed)
@@ -178,17 +186,13 @@ class Trainer:
         )
         self.weights = l2_weights(config.overlap_weight, self.device)
         self.start_step = self.step = 0
-        if config.resume and self.output.exists():
-            self._restore(load_checkpoint(self.output))
+        if state is not None:
+            self._restore(state)
         self.netG.train()
         self.netD.train()
         self._warned: set[str] = set()
 
     def _restore(self, state: dict[str, Any]) -> None:
-        if state["size"] != self.config.size:
-            raise TrainError(
-                f"{self.output}: trained with --size {state['size']}, not {self.config.size}"
-            )
         self.netG.load_state_dict(state["G"])
         self.netD.load_state_dict(state["D"])
         self.optG.load_state_dict(state["optG"])
@@ -209,6 +213,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             prefetch_factor=4 if self.config.workers else None,
+            worker_init_fn=_leave_signals_to_the_main_process,
         )
         for crops, skipped in loader:
             for message in {line for text in skipped for line in text.splitlines()}:
@@ -293,23 +298,35 @@ class Trainer:
         losses: list[dict[str, torch.Tensor]] = []
         samples: list[Path] = []
         interrupted = False
-        for crops in self.batches():
-            step_losses = self.train_step(crops)
-            losses.append(step_losses)
-            if on_step is not None:
-                on_step(self.step, step_losses)
-            last = self.step == config.steps
-            if self.step % config.checkpoint_every == 0 or last:
-                self.save()
-            if config.sample_every and (self.step % config.sample_every == 0 or last):
-                samples.append(self.write_samples())
-            if not last and should_stop is not None and should_stop():
-                self.save()  # between steps: the checkpoint holds a whole step
-                interrupted = True
-                break
+        batches = self.batches()
+        try:
+            for crops in batches:
+                step_losses = self.train_step(crops)
+                losses.append(step_losses)
+                if on_step is not None:
+                    on_step(self.step, step_losses)
+                last = self.step == config.steps
+                if self.step % config.checkpoint_every == 0 or last:
+                    self.save()
+                if config.sample_every and (self.step % config.sample_every == 0 or last):
+                    samples.append(self.write_samples())
+                if not last and should_stop is not None and should_stop():
+                    self.save()  # between steps: the checkpoint holds a whole step
+                    interrupted = True
+                    break
+        finally:
+            batches.close()  # shuts the loader's workers down now, not when collected
         return TrainResult(
             self.output, start, self.step, _history(start, losses), samples, interrupted
         )
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """In a loader worker: ignore Ctrl-C (the terminal sends it to every process of the job;
+    the main process decides when to stop) and die on SIGTERM (a worker inherits whatever
+    handler the main process had installed when it forked)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _history(start: int, losses: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
