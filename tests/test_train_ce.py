@@ -157,6 +157,8 @@ def test_cli_trains_and_reports_errors_in_one_line(
         "4",
         "--sample-every",
         "0",
+        "--workers",
+        "0",  # loader workers: test_crops_do_not_depend_on_workers_or_order
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -173,7 +175,7 @@ def test_cli_trains_and_reports_errors_in_one_line(
         return train_step(self, crops)
 
     monkeypatch.setattr(Trainer, "train_step", terminate_in_step_2)
-    four = [*args[:5], str(stopped), "--steps", "4", *args[8:], "--workers", "0"]
+    four = [*args[:5], str(stopped), "--steps", "4", *args[8:]]
     result = CliRunner().invoke(app, four)
     assert result.exit_code == 130, result.output
     assert "interrupted at step 2" in result.stderr
