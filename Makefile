@@ -16,9 +16,8 @@ setup: $(STAMP)
 
 # The main job on built-in sample photographs (shipped in scikit-image and matplotlib): no
 # network. Then the whole experiment on them (pseudo-labels: agreement with clean predictions),
-# and one generative purifier, DIP, on two of them (300 fitting steps: a short fit that keeps
-# the demo to a few minutes on 2 cores; the default is 550), with its clean | adversarial |
-# perturbation | purified grid.
+# and one generative purifier, DIP, on two of them (300 fitting steps instead of the default
+# 550, to keep the demo short), with its clean | adversarial | perturbation | purified grid.
 demo: $(STAMP)
 	$(BIN)/advpurify samples demo-output/photos
 	$(BIN)/purify-batch demo-output/photos --method rescale -o demo-output/purified-rescale
