@@ -356,7 +356,8 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path: Path) -> None:
 
 
 # Ctrl-C ----------------------------------------------------------------------------------
-def test_ctrl_c_prints_one_line_and_a_rerun_resumes(tmp_path: Path, sample_paths) -> None:
+def test_ctrl_c_prints_one_line_and_a_rerun_resumes(tmp_path: Path, full_sample_paths) -> None:
+    sample_paths = full_sample_paths  # 40 images: more than the committed fixture set holds
     src = tmp_path / "in"
     src.mkdir()
     for path in sample_paths[:40]:
