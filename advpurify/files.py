@@ -7,6 +7,7 @@ reader, or a run killed at any instant, sees either no file or the complete file
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -38,6 +39,15 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def remove_stale_temporaries(root: Path | str) -> int:

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from advpurify.files import file_sha256
 from advpurify.paths import cache_home
+from advpurify.runtime.onnx import DEFAULT_OPSET, check_model, compare_with_torch, export_onnx
 
 _LOCK = threading.Lock()
 
@@ -34,14 +36,6 @@ def module_digest(module: nn.Module) -> str:
         if tensor.numel():
             # Raw bytes through a uint8 view: works for every dtype, bfloat16 included.
             digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -96,8 +90,6 @@ def cached_onnx(
     Exported, checked (ONNX checker + parity with torch on two inputs) and cached on first use;
     later calls reuse the file after checking its digest, and rebuild it if the digest is wrong.
     """
-    from advpurify.runtime.onnx import DEFAULT_OPSET, check_model, compare_with_torch, export_onnx
-
     opset = opset or DEFAULT_OPSET
     key = onnx_key(module, sample_shape, opset=opset, fp16=fp16)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
