@@ -6,9 +6,7 @@ class AdvpurifyError(Exception):
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
-    """The first non-empty line of an error's message (its type name when it has none), for
-    one-line reports of errors raised by libraries (tracebacks and dumps stay out)."""
-    for line in str(error).splitlines():
-        if line.strip():
-            return line.strip()[:limit]
-    return type(error).__name__
+    """``"TypeName: first line of the message"``, at most ``limit`` characters: library errors
+    (torch, onnx, libjpeg) often run to many lines that bury the reason."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0].strip() if lines else ''}"[:limit]

@@ -41,11 +41,11 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         raise
 
 
-def file_sha256(path: Path | str) -> str:
-    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+def sha256_file(path: Path | str, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+        while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
 

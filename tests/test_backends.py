@@ -186,7 +186,7 @@ def test_auto_falls_back_when_a_backend_fails_to_start(monkeypatch):
     notes: list[str] = []
     backend = create_backend("auto", Tiny(), device="cpu", notify=notes.append)
     assert backend.name == "ort-cpu"
-    assert "tensorrt failed (libcudart.so.13" in notes[0]
+    assert "tensorrt failed (OSError: libcudart.so.13" in notes[0]
     assert notes[-1].startswith("backend auto: using ort-cpu (tensorrt failed")
 
 
@@ -374,7 +374,7 @@ def test_tensorrt_11_and_broken_libraries_are_backend_errors(tmp_path, monkeypat
         "raise OSError('libnvinfer.so.10: cannot open shared object file')\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    with pytest.raises(BackendError, match="TensorRT cannot be loaded: libnvinfer.so.10"):
+    with pytest.raises(BackendError, match="TensorRT cannot be loaded: OSError: libnvinfer.so.10"):
         load_tensorrt()
 
 

@@ -110,7 +110,7 @@ def _export_to(
                 )
             return f"torch.export (torch {torch.__version__})"
         except Exception as error:  # the legacy exporter traces more Python than torch.export
-            errors.append(f"torch.export: {type(error).__name__}: {first_line(error)}")
+            errors.append(f"torch.export: {first_line(error)}")
         try:
             axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
             with warnings.catch_warnings():
@@ -127,7 +127,7 @@ def _export_to(
                 )
             return f"torchscript (torch {torch.__version__})"
         except Exception as error:
-            errors.append(f"torchscript: {type(error).__name__}: {first_line(error)}")
+            errors.append(f"torchscript: {first_line(error)}")
     raise ExportError(f"{type(module).__name__} could not be exported: " + "; ".join(errors))
 
 

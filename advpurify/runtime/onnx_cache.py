@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from advpurify.files import file_sha256
+from advpurify.files import sha256_file
 from advpurify.paths import cache_home
 from advpurify.runtime.onnx import DEFAULT_OPSET, check_model, compare_with_torch, export_onnx
 
@@ -45,7 +45,7 @@ def _sidecar(path: Path) -> Path:
 
 def record_digest(path: Path) -> str:
     """Write ``path``'s sha256 beside it (after the file is complete) and return it."""
-    value = file_sha256(path)
+    value = sha256_file(path)
     _sidecar(path).write_text(value + "\n")
     return value
 
@@ -55,7 +55,7 @@ def verified(path: Path) -> bool:
     side = _sidecar(path)
     if not path.is_file() or not side.is_file():
         return False
-    return side.read_text().strip() == file_sha256(path)
+    return side.read_text().strip() == sha256_file(path)
 
 
 def discard(path: Path) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from advpurify.errors import first_line
-from advpurify.files import file_sha256
+from advpurify.files import sha256_file
 from advpurify.runtime.installed import (
     ORT_PROVIDERS,
     BackendError,
@@ -58,7 +58,7 @@ def ort_trt_options(
     path: Path | str, *, fp16: bool, opt_batch: int, max_batch: int, stream: int | None = None
 ) -> dict[str, object]:
     """TensorRT provider options; its engine cache folder is keyed by the file's sha256."""
-    cache = engine_cache_dir() / "ort-trt" / file_sha256(path)
+    cache = engine_cache_dir() / "ort-trt" / sha256_file(path)
     options: dict[str, object] = {
         "trt_fp16_enable": bool(fp16),
         "trt_engine_cache_enable": True,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from advpurify.errors import first_line
-from advpurify.files import atomic_write_bytes, file_sha256
+from advpurify.files import atomic_write_bytes, sha256_file
 from advpurify.runtime.installed import BackendError, engine_cache_dir, load_tensorrt, require
 from advpurify.runtime.onnx_cache import discard, record_digest, verified
 from advpurify.runtime.streams import StreamOrder
@@ -49,7 +49,7 @@ def _input_dims(onnx_path: Path) -> tuple[str, list[int]]:
 def engine_key(onnx_path: Path, *, opt_batch: int, max_batch: int) -> str:
     trt = load_tensorrt()
     digest = hashlib.sha256()
-    digest.update(file_sha256(onnx_path).encode())
+    digest.update(sha256_file(onnx_path).encode())
     digest.update(f"|gpu={torch.cuda.get_device_name()}|trt={trt.__version__}".encode())
     digest.update(f"|batch=1,{opt_batch},{max_batch}|strongly-typed|no-tf32".encode())
     return digest.hexdigest()
