@@ -33,8 +33,11 @@ from advpurify.models.classifiers import (
     load_classifier,
     map_by_order,
     resize_center_crop,
+    resize_crop_box,
 )
 from advpurify.models.imagenet import class_name, wnids
+from advpurify.runtime.backends import TorchBackend
+from advpurify.runtime.installed import BackendError
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +181,7 @@ def test_unknown_classifier_and_backend():
         build_classifier("no-such-net")
     with pytest.raises(ClassifierError, match="timm has no model"):
         build_classifier("timm:no-such-net")
-    with pytest.raises(ClassifierError, match="backend"):
+    with pytest.raises(BackendError, match="unknown backend 'no-such-backend'"):
         load_classifier("googlenet", backend="no-such-backend", weights="random")
 
 
@@ -201,6 +204,24 @@ def test_classifier_resizes_other_sizes_and_keeps_224(googlenet_state, tmp_path)
     assert clf.prepare(crop) is crop
     torch.testing.assert_close(clf.logits(big), clf.logits(crop))
     assert clf.logits(big, batch_size=1).shape == (2, 1000)
+    # Inference runs on a runtime backend; the module stays differentiable for attacks.
+    assert isinstance(clf.runner, TorchBackend) and clf.backend == "torch"
+    x = crop.clone().requires_grad_(True)
+    clf.module(x)[:, 0].sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert not clf.logits(crop).requires_grad
+
+
+def test_the_one_resize_crop_arithmetic_is_what_folder_classification_uses():
+    from advpurify.evaluation.classify import Preprocess
+
+    prepare = Preprocess(256, 224, "bilinear")
+    for height, width in [(300, 411), (411, 300), (256, 256), (500, 333), (224, 225)]:
+        assert prepare.sizes(height, width) == resize_crop_box(height, width, 256, 224)
+        x = torch.rand(1, 3, height, width)
+        expected = v2.CenterCrop(224)(v2.Resize(256, antialias=True)(x))
+        torch.testing.assert_close(resize_center_crop(x, 256, 224), expected, atol=1e-5, rtol=0)
+    assert prepare.sizes(224, 224) == (224, 224, 0, 0)  # an attacked crop is used as is
 
 
 def test_imagenet_classes_are_sorted_wnids(data_dir):

@@ -16,6 +16,7 @@ from advpurify.export.fused import NOT_EXPORTABLE, NotExportableError, build_pur
 from advpurify.models.registry import get_exportable, register_exportable
 from advpurify.runtime.onnx import ExportError, check_model, compare_with_torch, export_onnx
 from advpurify.runtime.onnx_cache import cached_onnx, onnx_cache_dir
+from advpurify.runtime.parity import ParityError, compare, report
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +125,7 @@ def test_dynamic_batch_and_metadata(tmp_path):
     assert not dims[0].dim_value and [d.dim_value for d in dims[1:]] == [3, 32, 32]
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["advpurify.model"] == "test-tiny" and "advpurify.exporter" in meta
-    from advpurify.runtime.backends import ort_session
+    from advpurify.runtime.ort import ort_session
 
     session = ort_session(path)
     for batch in (1, 5):
@@ -146,6 +147,40 @@ def test_fp16_export_runs_on_ort_within_tolerance(tmp_path):
     types = {init.data_type for init in onnx.load(str(result.path)).graph.initializer}
     assert onnx.TensorProto.FLOAT16 in types
     assert result.parity.passed and result.parity.max_abs_diff > 0
+
+
+def test_one_parity_rule_for_every_check():
+    """Max difference within the tolerance, and no top-1 flip outside a near tie."""
+    ref = torch.tensor([[5.0, 1.0, 0.0], [2.0, 1.9995, 0.0], [0.0, 3.0, 1.0]])
+    same = report(ref, ref + 4e-4, logits=True)  # tolerance 1e-3 x 5
+    assert same.passed and same.top1_agreement == 1.0
+    near_tie = ref.clone()
+    near_tie[1] = torch.tensor([1.9995, 2.0, 0.0])  # a flip inside a 5e-4 margin: rounding
+    tie = report(ref, near_tie, logits=True)
+    assert tie.passed and tie.top1_disagreements == (1,) and tie.real_flips == ()
+    winner = torch.tensor([[2.0, 1.0, 0.0]])
+    flipped = torch.tensor([[1.45, 1.55, 0.0]])  # every value within 0.6 of torch's ...
+    wide = report(winner, flipped, logits=True, tolerance=0.6)
+    assert wide.max_abs_diff <= wide.tolerance  # ... but top-1 flipped on a margin of 1
+    assert not wide.passed and wide.real_flips == (0,)
+    with pytest.raises(ExportError, match="model.onnx: output does not match torch"):
+        wide.check("model.onnx", ExportError)
+    far = report(ref, ref + 0.01, logits=False)
+    assert not far.passed and far.top1_agreement is None
+    with pytest.raises(ParityError, match="output shape"):
+        report(ref, ref[:2], logits=True)
+    # compare() runs both callables on the same inputs (chunked, a fixed batch padded).
+    module = Tiny()
+    calls: list[int] = []
+
+    def fixed_four(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return module(x)
+
+    inputs = torch.rand(6, 3, 32, 32)
+    result = compare(module, fixed_four, inputs, logits=True, fixed_batch=4, names=("a", "b"))
+    assert calls == [4, 4] and result.count == 6 and result.max_abs_diff == 0.0
+    assert result.summary().startswith("b vs a on 6 inputs")
 
 
 def test_a_file_that_disagrees_with_torch_fails_loudly_and_is_not_kept(tmp_path):

@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 
 from advpurify.errors import AdvpurifyError
+from advpurify.images import load_image
+from advpurify.models.classifiers import resize_center_crop, resize_crop_box
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -50,13 +52,7 @@ class Preprocess:
         """(resized height, resized width, top, left), as ``Classifier.prepare`` computes them."""
         if (height, width) == (self.crop_size, self.crop_size):
             return height, width, 0, 0  # already a crop: used as is
-        if height <= width:
-            new_h, new_w = self.resize_size, int(self.resize_size * width / height)
-        else:
-            new_h, new_w = int(self.resize_size * height / width), self.resize_size
-        top = int(round((new_h - self.crop_size) / 2.0))
-        left = int(round((new_w - self.crop_size) / 2.0))
-        return new_h, new_w, top, left
+        return resize_crop_box(height, width, self.resize_size, self.crop_size)
 
     def __call__(self, path: Path) -> torch.Tensor:
         fast = self._fast(path)
@@ -100,9 +96,6 @@ class Preprocess:
         return torch.from_numpy(chw)
 
     def _exact(self, path: Path) -> torch.Tensor:
-        from advpurify.images import load_image
-        from advpurify.models.classifiers import resize_center_crop
-
         image = load_image(path)[None]
         return resize_center_crop(image, self.resize_size, self.crop_size, self.interpolation)[0]
 

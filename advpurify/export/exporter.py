@@ -21,17 +21,17 @@ from torch import nn
 
 from advpurify.errors import AdvpurifyError
 from advpurify.models.registry import Exportable, get_exportable
+from advpurify.runtime.installed import require, unavailable_reason
 from advpurify.runtime.onnx import (
     DEFAULT_OPSET,
     ExportError,
-    ParityReport,
     check_model,
     compare_with_torch,
     export_onnx,
     read_metadata,
 )
-
-ENGINE_SUFFIXES = (".engine", ".plan")
+from advpurify.runtime.parity import ParityReport, compare
+from advpurify.runtime.tensorrt import ENGINE_SUFFIXES, EngineRunner, build_engine
 
 
 @dataclasses.dataclass
@@ -42,6 +42,7 @@ class ExportResult:
     seconds: float
     engine_parity: ParityReport | None = None
     onnx_path: Path | None = None
+    provider_parity: tuple[ParityReport, ...] = ()  # fp16 files on the GPU providers present
 
     def lines(self) -> list[str]:
         out = [
@@ -49,8 +50,9 @@ class ExportResult:
             f"exporter {self.exporter}, {self.seconds:.1f} s)",
             self.parity.summary(),
         ]
+        out += [report.summary() for report in self.provider_parity]
         if self.engine_parity is not None:
-            out.append(self.engine_parity.summary().replace("ORT", "TensorRT", 1))
+            out.append(self.engine_parity.summary())
         return out
 
 
@@ -123,9 +125,14 @@ def _export_checked(
     output = Path(output)
     engine_target = output.suffix in ENGINE_SUFFIXES
     if engine_target:
-        from advpurify.runtime.backends import require
-
         require("tensorrt")  # fail before a long export, naming what is missing
+    checks = {
+        "inputs": inputs,
+        "logits": logits,
+        "fp16": fp16,
+        "fixed_batch": batch,
+        "source": source,
+    }
     with tempfile.TemporaryDirectory(prefix="advpurify-export-") as scratch:
         onnx_path = Path(scratch) / (output.stem + ".onnx") if engine_target else output
         example = inputs[: (batch or 2)]
@@ -133,90 +140,72 @@ def _export_checked(
             example = example[:1].expand(batch, *example.shape[1:]).contiguous()
         notify(
             f"exporting to ONNX (opset {opset}, batch {batch or 'dynamic'}, "
-            f"{'fp16' if fp16 and not engine_target else 'fp32'})"
+            f"{'fp16' if fp16 else 'fp32'})"
         )
-        # A TensorRT FP16 engine is built from the fp32 graph: TensorRT picks its FP16 kernels.
+        # A TensorRT engine is built strongly typed from this graph: fp16 is the fp16 graph.
         export_onnx(
             module,
             onnx_path,
             example,
             opset=opset,
             dynamic_batch=batch is None,
-            fp16=fp16 and not engine_target,
+            fp16=fp16,
             metadata=metadata,
         )
         try:
             check_model(onnx_path)
-            parity = compare_with_torch(
-                reference,
-                onnx_path,
-                inputs,
-                logits=logits,
-                fp16=fp16 and not engine_target,
-                fixed_batch=batch,
-                source=source,
+            parity = compare_with_torch(reference, onnx_path, **checks)
+            # fp16 arithmetic differs by provider (ORT CPU casts around fp16 nodes): check the
+            # file on each GPU provider present too, the ones that will run it.
+            on_gpu = tuple(
+                compare_with_torch(reference, onnx_path, provider=provider, **checks)
+                for provider in ("ort-cuda",)
+                if fp16 and not engine_target and unavailable_reason(provider) is None
             )
         except BaseException:
             onnx_path.unlink(missing_ok=True)
             raise
         exporter = read_metadata(onnx_path).get("advpurify.exporter", "?")
         if not engine_target:
-            return ExportResult(output, parity, exporter, time.perf_counter() - started)
-        engine_parity = _build_and_check_engine(
-            reference,
-            onnx_path,
-            output,
-            inputs,
-            source=source,
-            logits=logits,
-            fp16=fp16,
-            batch=batch,
-            notify=notify,
-        )
+            seconds = time.perf_counter() - started
+            return ExportResult(output, parity, exporter, seconds, provider_parity=on_gpu)
+        notify(f"building the TensorRT engine ({'fp16' if fp16 else 'fp32'}, strongly typed)")
+        build_engine(onnx_path, output, max_batch=batch or 128, opt_batch=batch or 16)
+        try:
+            engine_parity = check_engine(reference, output, **checks)
+        except BaseException:
+            output.unlink(missing_ok=True)
+            raise
         elapsed = time.perf_counter() - started
         return ExportResult(output, parity, exporter, elapsed, engine_parity=engine_parity)
 
 
-def _build_and_check_engine(
+def check_engine(
     reference: nn.Module,
-    onnx_path: Path,
-    output: Path,
-    inputs: torch.Tensor,
+    engine: Path,
     *,
-    source: str,
+    inputs: torch.Tensor,
     logits: bool,
     fp16: bool,
-    batch: int | None,
-    notify: Callable[[str], None],
+    fixed_batch: int | None,
+    source: str,
 ) -> ParityReport:
-    """Build the TensorRT engine from the checked ONNX file and compare it with torch."""
-    from advpurify.runtime.backends import TensorRTBackend
-    from advpurify.runtime.tensorrt import build_engine
-
-    notify(f"building the TensorRT engine ({'fp16' if fp16 else 'fp32'})")
-    build_engine(onnx_path, output, fp16=fp16, max_batch=batch or 128, opt_batch=batch or 16)
-    backend = TensorRTBackend(
-        output, precision="fp16" if fp16 else "fp32", notify=notify, max_batch=batch or 128
-    )
-    if batch:  # a fixed-batch engine takes exactly ``batch`` inputs per call
-        repeats = math.ceil(batch / inputs.shape[0])
-        inputs = inputs.repeat(repeats, *[1] * (inputs.dim() - 1))
-        inputs = inputs[: inputs.shape[0] - inputs.shape[0] % batch]
-    with torch.inference_mode():
-        ref = torch.cat([reference(c) for c in inputs.split(batch or 16)])
-        got = torch.cat([backend.run(c.cuda()).cpu() for c in inputs.split(batch or 16)])
-    from advpurify.runtime.onnx import default_tolerance
-
-    tolerance = default_tolerance(ref, fp16=fp16)
-    diff = float((ref - got).abs().max())
-    agreement = float((ref.argmax(1) == got.argmax(1)).float().mean()) if logits else None
-    engine_parity = ParityReport(int(ref.shape[0]), diff, tolerance, agreement, source=source)
-    if not engine_parity.passed:
-        output.unlink(missing_ok=True)
-        raise ExportError(
-            f"{output}: TensorRT output does not match torch: {engine_parity.summary()}"
+    """The TensorRT engine against torch with the one parity rule; raises ExportError."""
+    runner = EngineRunner(engine, torch.device("cuda", torch.cuda.current_device())).activate()
+    try:
+        report = compare(
+            reference,
+            runner,
+            inputs,
+            logits=logits,
+            precision="fp16" if fp16 else "fp32",
+            fixed_batch=fixed_batch,
+            source=source,
+            names=("torch", "TensorRT"),
         )
-    return engine_parity
+    finally:
+        runner.deactivate()
+    return report.check(str(engine), ExportError)
 
 
 def export_model(

@@ -13,16 +13,19 @@ name looked up in torchvision and then timm.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advpurify.devices import resolve_device
 from advpurify.errors import AdvpurifyError, first_line, load_error
+from advpurify.runtime.backends import Backend, create_backend
+from advpurify.runtime.installed import canonical
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,26 +47,36 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
+def resize_crop_box(
+    height: int, width: int, resize_size: int, crop_size: int
+) -> tuple[int, int, int, int]:
+    """``(resized height, resized width, top, left)``: torchvision's ``Resize(resize_size)``
+    (shorter side) then ``CenterCrop(crop_size)``. The one place this arithmetic lives."""
+    if height <= width:
+        new_h, new_w = resize_size, int(resize_size * width / height)
+    else:
+        new_h, new_w = int(resize_size * height / width), resize_size
+    top = int(round((new_h - crop_size) / 2.0))
+    left = int(round((new_w - crop_size) / 2.0))
+    return new_h, new_w, top, left
+
+
 def resize_center_crop(
     images: torch.Tensor, resize_size: int, crop_size: int, interpolation: str = "bilinear"
 ) -> torch.Tensor:
     """Resize the shorter side to ``resize_size`` (antialiased), then centre-crop a square.
 
-    Sizes follow torchvision's ``Resize(int)`` + ``CenterCrop``. Differentiable.
+    Sizes follow torchvision's ``Resize(int)`` + ``CenterCrop`` (:func:`resize_crop_box`).
+    Differentiable.
     """
     height, width = images.shape[-2:]
-    if height <= width:
-        new_h, new_w = resize_size, int(resize_size * width / height)
-    else:
-        new_h, new_w = int(resize_size * height / width), resize_size
+    new_h, new_w, top, left = resize_crop_box(height, width, resize_size, crop_size)
     if (new_h, new_w) != (height, width):
         images = F.interpolate(
             images, size=(new_h, new_w), mode=interpolation, align_corners=False, antialias=True
         )
         if interpolation == "bicubic":
             images = images.clamp(0.0, 1.0)  # bicubic overshoots
-    top = int(round((new_h - crop_size) / 2.0))
-    left = int(round((new_w - crop_size) / 2.0))
     return images[..., top : top + crop_size, left : left + crop_size]
 
 
@@ -352,54 +365,33 @@ def build_classifier(name: str, weights: str | os.PathLike[str] | None = None) -
 
 
 # --------------------------------------------------------------------------------------------
-# Runners: how a batch is classified on a given backend
+# Running a classifier fast: a runtime backend (torch, torch-compile, ONNX Runtime, TensorRT)
 
 
-class Runner(Protocol):
-    """Classifies a ``[0, 1]`` batch: ``run(images) -> logits`` (a CPU float32 tensor)."""
-
-    backend: str
-
-    def run(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-class TorchRunner:
-    """Eager torch on a device, no gradients."""
-
-    backend = "torch"
-
-    def __init__(self, module: Classifier, device: torch.device) -> None:
-        self.module = module.to(device)
-        self.device = device
-
-    @torch.inference_mode()
-    def run(self, images: torch.Tensor) -> torch.Tensor:
-        return self.module(images.to(self.device, torch.float32)).float().cpu()
-
-
-def make_runner(module: Classifier, backend: str, device: torch.device) -> Runner:
-    """The one place that maps (module, backend, device) to a runner.
-
-    Other backends (ONNX Runtime, TensorRT) plug in here: they export ``module`` (224x224 input)
-    and return an object with ``run(images) -> logits``.
-    """
-    if backend == "torch":
-        return TorchRunner(module, device)
-    from advpurify.runtime.backends import CHOICES, classifier_runner
-
-    if backend in CHOICES:  # ONNX Runtime / TensorRT / auto: exported once, cached by hash
-        return classifier_runner(module, backend, device)
-    raise ClassifierError(
-        f"unknown backend {backend!r} for classifiers (backends: {', '.join(CHOICES)})"
-    )
+def classifier_backend(
+    module: Classifier,
+    backend: str = "torch",
+    device: str | torch.device = "cpu",
+    notify: Callable[[str], None] | None = None,
+) -> Backend:
+    """An active runtime backend for ``module`` on inputs of its crop size (exported, built and
+    checked now, so ``auto`` can fall back); ``auto`` and ``ort`` follow ``device``."""
+    size = module.input_size
+    quiet_or_not = {} if notify is None else {"notify": notify}  # default: notes on stderr
+    return create_backend(
+        backend, module, device=device, sample_shape=(3, size, size), label=module.name,
+        **quiet_or_not,
+    )  # fmt: skip
 
 
 class LoadedClassifier:
-    """A classifier ready to use: the torch module (for gradients) and a runner (for speed)."""
+    """A classifier ready to classify: the differentiable module (:func:`build_classifier`, on
+    ``device``: attacks take their gradients through it) and an active runtime backend running
+    the same network for inference (``logits``: CPU float32, no gradients)."""
 
-    def __init__(self, module: Classifier, runner: Runner, device: torch.device) -> None:
+    def __init__(self, module: Classifier, backend: Backend, device: torch.device) -> None:
         self.module = module
-        self.runner = runner
+        self.runner = backend
         self.device = device
 
     @property
@@ -408,7 +400,7 @@ class LoadedClassifier:
 
     @property
     def backend(self) -> str:
-        return self.runner.backend
+        return self.runner.name
 
     @property
     def input_size(self) -> int:
@@ -419,16 +411,20 @@ class LoadedClassifier:
         return self.module.prepare(images)
 
     def logits(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        """Logits of a ``[0, 1]`` batch (any length; run in chunks), as CPU float32."""
+        """Logits of a ``[0, 1]`` batch (any length and size; run in chunks), CPU float32."""
         if images.shape[0] == 0:
             return torch.empty(0, NUM_CLASSES)
         chunks = [
-            self.runner.run(images[i : i + batch_size])
+            self.runner.run(self.prepare(images[i : i + batch_size])).float().cpu()
             for i in range(0, images.shape[0], batch_size)
         ]
         return torch.cat(chunks)
 
     __call__ = logits
+
+    def close(self) -> None:
+        """Release the backend's sessions, engines and streams."""
+        self.runner.deactivate()
 
 
 def load_classifier(
@@ -436,10 +432,10 @@ def load_classifier(
     backend: str = "torch",
     device: str | torch.device = "cpu",
     weights: str | os.PathLike[str] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> LoadedClassifier:
-    """Build ``name`` and wrap it for ``backend`` on ``device``."""
-    from advpurify.devices import resolve_device
-
-    device = resolve_device(device) if isinstance(device, str) else device
+    """:func:`build_classifier` on ``device``, with :func:`classifier_backend` for inference."""
+    device = resolve_device(str(device))
+    canonical(backend, device)  # an unknown backend fails before the model is built
     module = build_classifier(name, weights=weights).to(device)
-    return LoadedClassifier(module, make_runner(module, backend, device), device)
+    return LoadedClassifier(module, classifier_backend(module, backend, device, notify), device)

@@ -33,7 +33,7 @@ from advpurify.models.context_encoder import (
     load_generator,
 )
 from advpurify.purifiers.base import Param, Purifier, register
-from advpurify.runtime.backends import CHOICES as BACKEND_CHOICES
+from advpurify.runtime.installed import CHOICES as BACKEND_CHOICES
 
 HOLE = HOLE_END - HOLE_START  # 56
 PAD = HOLE_START  # context to the left of / above a hole: 36

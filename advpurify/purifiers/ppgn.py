@@ -200,7 +200,7 @@ class _BackendEnds:
 
         self.encoder = create_backend(
             backend, CaffeEnd(encoder), device=str(device), sample_shape=(3, 227, 227),
-            label="ppgn-encoder", notify=None,
+            label="ppgn-encoder", notify=None, input_range=(-125.0, 155.0),  # Caffe pixels
         )  # fmt: skip
         self.generator = create_backend(
             backend, CaffeEnd(generator), device=str(device), sample_shape=(4096,),

@@ -1,66 +1,104 @@
 """Run a feed-forward network on torch, ONNX Runtime or TensorRT behind one interface.
 
-``backend.run(batch) -> outputs``: a float32 batch in, float32 outputs out, on the batch's device.
-Each backend has a ``name``, a ``device`` and a ``precision``.
+A :class:`Backend` is a runner in Polygraphy's sense: ``activate()`` acquires what it runs on
+(device copy, compiled function, sessions, engines, CUDA streams), ``run(batch) -> outputs``
+takes a float32 batch and returns float32 outputs on the batch's device, ``deactivate()`` lets
+them go; ``with backend:`` does both. :func:`create_backend` returns it active. Each backend has
+a ``name``, a ``device`` and a ``precision`` (``runtime.precision`` says what fp32/fp16 mean).
 
-- ``torch``: eager (``torch-compile``: through ``torch.compile``); the only one with gradients.
-- ``ort-cpu`` / ``ort-cuda`` / ``ort-trt``: ONNX Runtime with the CPU, CUDA or TensorRT execution
-  provider. On CUDA, I/O binding hands ONNX Runtime the torch tensors' device memory, so nothing
-  crosses to the host.
-- ``tensorrt``: an engine built from the ONNX file with NVIDIA's Polygraphy (optimisation profile
-  for the dynamic batch, FP16 on request, timing cache, serialized-engine cache).
-- ``auto``: the fastest one present, TensorRT > ORT CUDA > ORT CPU; never fails, says its choice.
+- ``torch``: eager (``torch-compile``: through ``torch.compile``, one graph for every batch
+  size above 1); the only one with gradients, used here in inference mode.
+- ``ort-cpu`` / ``ort-cuda`` / ``ort-trt``: ONNX Runtime with the CPU, CUDA or TensorRT
+  execution provider (``runtime.ort``: own CUDA stream, I/O binding, engine cache per file).
+- ``tensorrt``: an engine built from the ONNX graph (``runtime.tensorrt``), or a user's engine.
+- ``auto``: the fastest one usable for the device, in ``AUTO_ORDER``; it says its choice and
+  falls back to the next when one cannot be built or activated.
 
-An explicit backend that cannot run here (no GPU, TensorRT not installed, a provider that
-onnxruntime lists but cannot create a session with) raises :class:`BackendError` naming what is
-missing; nothing silently falls back. A backend built from an ``nn.Module`` exports it to ONNX on
-first sight of each input shape (cached on disk by content hash: ``runtime.onnx_cache``).
+An explicit backend that cannot run here raises :class:`BackendError` naming what is missing;
+nothing silently falls back. A backend built from an ``nn.Module`` exports it to ONNX on first
+sight of each input shape (cached on disk by content hash: ``runtime.onnx_cache``) and checks
+the result on its own provider against the module before using it.
 """
 
 from __future__ import annotations
 
-import copy
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from advpurify.errors import AdvpurifyError
+from advpurify.devices import resolve_device
+from advpurify.errors import AdvpurifyError, first_line
 from advpurify.runtime.installed import (
-    ALIASES,
     AUTO_ORDER,
-    BACKENDS,
-    CHOICES,
     PRECISIONS,
     BackendError,
+    canonical,
     require,
     unavailable_reason,
 )
-from advpurify.runtime.ort import ort_session
+from advpurify.runtime.onnx_cache import cached_onnx
+from advpurify.runtime.ort import binding_runner, cpu_runner, ort_session
+from advpurify.runtime.parity import compare
+from advpurify.runtime.precision import cudnn_benchmark, ieee_fp32, to_half
+from advpurify.runtime.streams import StreamOrder
+from advpurify.runtime.tensorrt import ENGINE_SUFFIXES, EngineRunner, cached_engine
 
 Notify = Callable[[str], None]
+Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _quiet(_message: str) -> None:
+    pass
+
+
 # ---------------------------------------------------------------- the interface
 
 
 class Backend:
-    """``run(batch) -> outputs``; float32 in, float32 out on the batch's device."""
+    """``activate()``, ``run(batch) -> outputs``, ``deactivate()``; float32 in and out."""
 
     name: str = ""
     device: str = "cpu"
     precision: str = "fp32"
+    _active: bool = False
+
+    @property
+    def is_active(self) -> bool:
+        return self._active
+
+    def activate(self) -> Backend:
+        """Acquire what the backend runs on (idempotent); returns the backend."""
+        if not self._active:
+            self._activate()
+            self._active = True
+        return self
+
+    def deactivate(self) -> None:
+        """Release it; ``run`` refuses until the next ``activate``."""
+        if self._active:
+            self._active = False
+            self._deactivate()
+
+    def __enter__(self) -> Backend:
+        return self.activate()
+
+    def __exit__(self, *exc_info) -> None:
+        self.deactivate()
 
     def run(self, batch: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        if not self._active:
+            raise BackendError(
+                f"backend {self.name}: not active (call activate(), or use it in a with block)"
+            )
+        return self._run(batch)
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return self.run(batch)
@@ -71,59 +109,102 @@ class Backend:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.describe()})"
 
+    def _activate(self) -> None:
+        pass
+
+    def _deactivate(self) -> None:
+        pass
+
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
 
 class TorchBackend(Backend):
-    """Eager torch, or ``torch.compile`` (``compile=True``); inference mode, no gradients."""
+    """Eager torch, or ``torch.compile`` (``compile=True``); inference mode, no gradients.
+
+    On CUDA, fp32 runs in IEEE fp32 (no TF32) and cuDNN benchmarks its convolutions per shape
+    (the shapes a backend sees are few and repeat). ``torch.compile`` marks the batch axis
+    dynamic, so batch sizes above 1 share one graph instead of compiling one each.
+    """
 
     def __init__(
         self,
         module: nn.Module,
         *,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
         precision: str = "fp32",
         compile: bool = False,
+        compiler: str | Callable = "inductor",
     ) -> None:
-        from advpurify.devices import resolve_device
-
-        self.device = str(resolve_device(device))
+        self.device = str(resolve_device(str(device)))
         self.precision = precision
         self.name = "torch-compile" if compile else "torch"
+        if precision not in PRECISIONS:
+            raise BackendError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         if precision == "fp16" and not self.device.startswith("cuda"):
             raise BackendError("backend torch: fp16 needs a CUDA GPU (CPU half kernels are slow)")
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
-        if self.dtype != torch.float32:
-            module = copy.deepcopy(module)  # never turn the caller's module to half
-        self.module = module.eval().to(self.device, self.dtype)
-        self._forward = torch.compile(self.module, dynamic=False) if compile else self.module
+        self.source = module
+        self.compile, self.compiler = compile, compiler
+        self.module: nn.Module | None = None
+        self._forward: Runner | None = None
 
-    def run(self, batch: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self._forward(batch.to(self.device, self.dtype, non_blocking=True))
+    def _activate(self) -> None:
+        # fp16: a half copy (LRN kept fp32); the caller's module is never turned to half.
+        module = to_half(self.source) if self.dtype == torch.float16 else self.source
+        self.module = module.eval().to(self.device)
+        if self.compile:
+            self._forward = torch.compile(self.module, backend=self.compiler)
+        else:
+            self._forward = self.module
+
+    def _deactivate(self) -> None:
+        self.module = self._forward = None
+
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        x = batch.to(self.device, self.dtype, non_blocking=True)
+        cuda = x.is_cuda
+        if self.compile and x.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        with torch.inference_mode(), cudnn_benchmark(cuda), ieee_fp32():
+            out = self._forward(x)
         return out.float().to(batch.device)
 
 
 class _PerShape(Backend):
-    """A backend that compiles one artefact per input shape (ONNX file, session, engine)."""
+    """A backend that builds one runner per input shape (ONNX file, session, engine).
 
-    def __init__(self, source: nn.Module | Path | str, label: str, notify: Notify) -> None:
+    From a module, each new runner is checked against the module (float32, on the CPU) on two
+    inputs drawn from ``input_range`` before it is used: fp16 and provider differences show on
+    the provider that will run them (ONNX Runtime's CPU check in the ONNX cache cannot).
+    """
+
+    def __init__(
+        self,
+        source: nn.Module | Path | str,
+        label: str,
+        notify: Notify,
+        sample_shape: Sequence[int] | None,
+        input_range: tuple[float, float],
+    ) -> None:
         self.label = label
         self.notify = notify
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+        self.input_range = input_range
         self._lock = threading.Lock()
-        self._runners: dict[tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._runners: dict[tuple[int, ...], Runner] = {}
         if isinstance(source, nn.Module):
             self.module: nn.Module | None = source.eval()  # exported from a CPU copy if needed
-            self.onnx_path: Path | None = None
+            self.path: Path | None = None
         else:
             self.module = None
-            self.onnx_path = Path(source)
-            if not self.onnx_path.is_file():
-                raise BackendError(f"{self.onnx_path}: ONNX file not found")
+            self.path = Path(source)
+            if not self.path.is_file():
+                raise BackendError(f"{self.path}: file not found")
 
     def onnx_for(self, sample_shape: Sequence[int]) -> Path:
-        if self.onnx_path is not None:
-            return self.onnx_path
-        from advpurify.runtime.onnx_cache import cached_onnx
-
+        if self.path is not None:
+            return self.path
         assert self.module is not None
         return cached_onnx(
             self.module,
@@ -134,22 +215,60 @@ class _PerShape(Backend):
         )
 
     def _onnx_fp16(self) -> bool:
-        return False
+        return self.precision == "fp16"
 
     def prepare(self, sample_shape: Sequence[int]) -> None:
-        """Build (or load from cache) whatever inputs of ``sample_shape`` need."""
+        """Build (or load from cache) and check whatever inputs of ``sample_shape`` need."""
         key = tuple(int(d) for d in sample_shape)
         with self._lock:
-            if key not in self._runners:
-                self._runners[key] = self._make_runner(self.onnx_for(key))
+            if key in self._runners:
+                return
+            runner = self._make_runner(key)
+            if self.module is not None and self._verify():
+                self._check(runner, key)
+            self._runners[key] = runner
 
-    def run(self, batch: torch.Tensor) -> torch.Tensor:
+    def _verify(self) -> bool:
+        return True
+
+    def _check(self, runner: Runner, sample_shape: tuple[int, ...]) -> None:
+        low, high = self.input_range
+        gen = torch.Generator().manual_seed(0)
+        inputs = low + (high - low) * torch.rand(2, *sample_shape, generator=gen)
+        reference = self.module
+        device = torch.device(self.device)
+        report = compare(
+            reference,
+            lambda x: runner(x.to(device)),
+            inputs,
+            logits=False,
+            precision=self.precision,
+            source="random inputs",
+            names=("torch", f"{self.name} {self.precision}"),
+        )
+        report.check(f"backend {self.name} ({self.label})", BackendError)
+
+    def _activate(self) -> None:
+        if self.sample_shape is not None:
+            self.prepare(self.sample_shape)
+
+    def _deactivate(self) -> None:
+        with self._lock:
+            for runner in self._runners.values():
+                close = getattr(runner, "deactivate", None)
+                if close:
+                    close()
+            self._runners.clear()
+
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
         key = tuple(int(d) for d in batch.shape[1:])
-        if key not in self._runners:
+        runner = self._runners.get(key)
+        if runner is None:
             self.prepare(key)
-        return self._runners[key](batch)
+            runner = self._runners[key]
+        return runner(batch)
 
-    def _make_runner(self, onnx_path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _make_runner(self, sample_shape: tuple[int, ...]) -> Runner:
         raise NotImplementedError
 
 
@@ -168,75 +287,55 @@ class OrtBackend(_PerShape):
         notify: Notify = _stderr,
         opt_batch: int = 16,
         max_batch: int = 128,
+        sample_shape: Sequence[int] | None = None,
+        input_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         require(provider)
-        super().__init__(source, label, notify)
+        super().__init__(source, label, notify, sample_shape, input_range)
         self.name = provider
         self.device = "cpu" if provider == "ort-cpu" else f"cuda:{torch.cuda.current_device()}"
         self.precision = precision
         self.threads = threads
         self.optimization = optimization
         self.opt_batch, self.max_batch = opt_batch, max_batch
+        self._order: StreamOrder | None = None
 
     def _onnx_fp16(self) -> bool:
-        # The TensorRT provider takes fp32 ONNX and builds FP16 kernels itself.
+        # The TensorRT provider takes the fp32 graph and builds FP16 kernels itself.
         return self.precision == "fp16" and self.name != "ort-trt"
 
-    def _make_runner(self, onnx_path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _verify(self) -> bool:
+        # ORT CPU fp32 is what the ONNX cache checked already.
+        return self.name != "ort-cpu" or self.precision != "fp32"
+
+    def _activate(self) -> None:
+        if self.name != "ort-cpu":
+            self._order = StreamOrder(self.device)
+        super()._activate()
+
+    def _deactivate(self) -> None:
+        super()._deactivate()
+        self._order = None
+
+    def _make_runner(self, sample_shape: tuple[int, ...]) -> Runner:
         session = ort_session(
-            onnx_path,
+            self.onnx_for(sample_shape),
             self.name,
             threads=self.threads,
             optimization=self.optimization,
             fp16=self.precision == "fp16",
             opt_batch=self.opt_batch,
             max_batch=self.max_batch,
+            stream=self._order.handle if self._order else None,
         )
-        input_name = session.get_inputs()[0].name
-        output = session.get_outputs()[0]
-        if self.name == "ort-cpu":
-
-            def run_cpu(batch: torch.Tensor) -> torch.Tensor:
-                array = batch.detach().to("cpu", torch.float32).contiguous().numpy()
-                result = session.run([output.name], {input_name: array})[0]
-                return torch.from_numpy(result).to(batch.device)
-
-            return run_cpu
-        return self._binding_runner(session, input_name, output)
-
-    def _binding_runner(self, session, input_name: str, output) -> Callable:
-        device = torch.device(self.device)
-        rest = output.shape[1:]
-        static_rest = all(isinstance(d, int) and d > 0 for d in rest)
-
-        def run_cuda(batch: torch.Tensor) -> torch.Tensor:
-            x = batch.detach().to(device, torch.float32).contiguous()
-            binding = session.io_binding()
-            binding.bind_input(
-                input_name, "cuda", device.index or 0, np.float32, tuple(x.shape), x.data_ptr()
-            )
-            if static_rest:
-                out = torch.empty((x.shape[0], *rest), dtype=torch.float32, device=device)
-                binding.bind_output(
-                    output.name,
-                    "cuda",
-                    device.index or 0,
-                    np.float32,
-                    tuple(out.shape),
-                    out.data_ptr(),
-                )
-                session.run_with_iobinding(binding)
-            else:
-                binding.bind_output(output.name, "cuda", device.index or 0)
-                session.run_with_iobinding(binding)
-                out = torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(device)
-            return out.to(batch.device)
-
-        return run_cuda
+        if self._order is None:
+            return cpu_runner(session)
+        return binding_runner(session, torch.device(self.device), self._order)
 
 
 class TensorRTBackend(_PerShape):
-    """A TensorRT engine (Polygraphy loaders and runner), cached per model, GPU and precision."""
+    """A TensorRT engine: built from the module's ONNX graph (or an ONNX file) and cached per
+    graph, GPU and batch range, or a user's serialized engine (.engine/.plan) used as it is."""
 
     def __init__(
         self,
@@ -247,60 +346,57 @@ class TensorRTBackend(_PerShape):
         notify: Notify = _stderr,
         opt_batch: int = 16,
         max_batch: int = 128,
+        sample_shape: Sequence[int] | None = None,
+        input_range: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         require("tensorrt")
+        super().__init__(source, label, notify, sample_shape, input_range)
         self.name = "tensorrt"
         self.device = f"cuda:{torch.cuda.current_device()}"
         self.precision = precision
         self.opt_batch, self.max_batch = opt_batch, max_batch
-        # ``source`` may also be a serialized engine (.engine/.plan): used as it is.
-        super().__init__(source, label, notify)
-
-    def _make_runner(self, onnx_path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-        from advpurify.runtime.tensorrt import cached_engine, load_runner
-
-        if onnx_path.suffix in (".engine", ".plan"):
-            engine_path = onnx_path
-        else:
-            engine_path = cached_engine(
-                onnx_path,
-                fp16=self.precision == "fp16",
-                opt_batch=self.opt_batch,
-                max_batch=self.max_batch,
-                notify=self.notify,
-            )
-        runner, input_name, output_name = load_runner(engine_path)
-        device = torch.device(self.device)
-        max_batch = self.max_batch
-
-        def run_trt(batch: torch.Tensor) -> torch.Tensor:
-            x = batch.detach().to(device, torch.float32).contiguous()
-            outs = []
-            for start in range(0, x.shape[0], max_batch):
-                result = runner.infer(
-                    {input_name: x[start : start + max_batch]}, copy_outputs_to_host=False
+        if self.path is not None and self.path.suffix not in ENGINE_SUFFIXES:
+            graph = onnx_precision(self.path)
+            if graph != precision:
+                raise BackendError(
+                    f"{self.path}: an {graph} ONNX graph; TensorRT builds the graph's own "
+                    f"precision (strongly typed), so {precision} needs an {precision} export"
                 )
-                # Polygraphy reuses its output buffer on the next call: copy out now.
-                outs.append(torch.as_tensor(result[output_name], device=device).float().clone())
-            return torch.cat(outs).to(batch.device)
 
-        return run_trt
+    def _make_runner(self, sample_shape: tuple[int, ...]) -> Runner:
+        if self.path is not None and self.path.suffix in ENGINE_SUFFIXES:
+            return EngineRunner(self.path, self.device).activate()
+        engine = cached_engine(
+            self.onnx_for(sample_shape),
+            opt_batch=self.opt_batch,
+            max_batch=self.max_batch,
+            notify=self.notify,
+        )
+        return EngineRunner(engine, self.device).activate()
+
+
+def onnx_precision(path: Path | str) -> str:
+    """``fp16`` when the graph holds fp16 weights (an ``export_onnx(fp16=True)`` file)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    half = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    return "fp16" if half else "fp32"
 
 
 # ---------------------------------------------------------------- choosing and building
 
 
-def resolve_backend(name: str) -> tuple[str, str | None]:
-    """``(backend, note)``: ``auto`` becomes the best usable one and ``note`` says why."""
-    name = (name or "auto").lower()
-    name = ALIASES.get(name, name)
-    if name != "auto":
-        if name not in BACKENDS:
-            raise BackendError(f"unknown backend {name!r} (backends: {', '.join(CHOICES)})")
-        require(name)
-        return name, None
+def resolve_backend(name: str, device: str | torch.device = "auto") -> tuple[str, str | None]:
+    """``(backend, note)`` by the cheap check: ``auto`` becomes the first usable one in
+    ``AUTO_ORDER`` for ``device`` and ``note`` says why (no module: ``torch`` is included)."""
+    requested = canonical(name, device)
+    if requested != "auto":
+        require(requested)
+        return requested, None
+    kind = resolve_device(str(device)).type
     skipped = []
-    for candidate in AUTO_ORDER:
+    for candidate in AUTO_ORDER[kind]:
         reason = unavailable_reason(candidate)
         if reason is None:
             note = f"backend auto: using {candidate}"
@@ -308,14 +404,14 @@ def resolve_backend(name: str) -> tuple[str, str | None]:
                 note += " (" + "; ".join(skipped) + ")"
             return candidate, note
         skipped.append(f"{candidate}: {reason}")
-    raise AssertionError("ort-cpu is always available")  # pragma: no cover
+    raise BackendError("backend auto: nothing usable (" + "; ".join(skipped) + ")")
 
 
 def create_backend(
     name: str,
     model: nn.Module | Path | str,
     *,
-    device: str = "auto",
+    device: str | torch.device = "auto",
     precision: str = "fp32",
     sample_shape: Sequence[int] | None = None,
     threads: int | None = None,
@@ -323,55 +419,66 @@ def create_backend(
     notify: Notify | None = _stderr,
     opt_batch: int = 16,
     max_batch: int = 128,
+    input_range: tuple[float, float] = (0.0, 1.0),
 ) -> Backend:
-    """Build backend ``name`` (or ``auto``) for an ``nn.Module`` or an ONNX/engine file.
+    """Backend ``name`` (or ``auto``) for an ``nn.Module`` or an ONNX/engine file, activated.
 
-    ``device`` matters for the torch backends only (the others imply theirs). With
-    ``sample_shape`` the ONNX export / engine build happens now rather than on the first batch;
-    ``auto`` then falls back to the next candidate if building fails.
+    ``device`` places the torch backends and steers ``auto`` and ``ort`` (on the CPU: ONNX
+    Runtime's CPU provider, then torch; on CUDA: TensorRT, ORT CUDA, torch, ORT CPU). With
+    ``sample_shape`` the export / engine build / check happens now rather than on the first
+    batch, so ``auto`` can fall back when it fails. ``input_range``: where the per-shape check
+    draws its inputs (the model's real input range shows overflow that [0, 1] would not).
     """
-    notify = notify or (lambda _message: None)
+    notify = notify or _quiet
     if precision not in PRECISIONS:
         raise BackendError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    requested = (name or "auto").lower()
-    requested = ALIASES.get(requested, requested)
-    chosen, note = resolve_backend(requested)
-    candidates = [chosen] if requested != "auto" else list(AUTO_ORDER[AUTO_ORDER.index(chosen) :])
-    last_error: Exception | None = None
-    for candidate in candidates:
-        if requested == "auto" and unavailable_reason(candidate):
+    requested = canonical(name, device)
+    options = {
+        "precision": precision,
+        "sample_shape": sample_shape,
+        "threads": threads,
+        "label": label,
+        "notify": notify,
+        "opt_batch": opt_batch,
+        "max_batch": max_batch,
+        "input_range": input_range,
+    }
+    if requested != "auto":
+        return _build(requested, model, device, **options).activate()
+    kind = resolve_device(str(device)).type
+    skipped: list[str] = []
+    for candidate in AUTO_ORDER[kind]:
+        if candidate.startswith("torch") and not isinstance(model, nn.Module):
+            continue
+        reason = unavailable_reason(candidate)
+        if reason:
+            skipped.append(f"{candidate}: {reason}")
             continue
         try:
-            backend = _build(
-                candidate, model, device, precision, threads, label, notify, opt_batch, max_batch
-            )
-            if sample_shape is not None and isinstance(backend, _PerShape):
-                backend.prepare(sample_shape)
-        except AdvpurifyError as error:  # BackendError, or an export that failed
-            if requested != "auto":
-                raise
-            last_error = error
-            notify(f"backend auto: {candidate} failed ({error}); trying the next")
+            backend = _build(candidate, model, device, **options).activate()
+        except (AdvpurifyError, OSError) as error:  # OSError: a CUDA/TensorRT library
+            skipped.append(f"{candidate} failed: {first_line(error)}")
+            notify(f"backend auto: {candidate} failed ({first_line(error)}); trying the next")
             continue
-        if requested == "auto":
-            notify(note if candidate == chosen else f"backend auto: using {candidate}")
+        note = f"backend auto: using {candidate}"
+        notify(note + (" (" + "; ".join(skipped) + ")" if skipped else ""))
         return backend
-    if isinstance(model, nn.Module):  # nothing exported: the module itself still runs
-        notify(f"backend auto: using torch ({last_error})")
-        return TorchBackend(model, device=device, precision=precision)
-    raise BackendError(f"backend auto: nothing usable for {model} ({last_error})")
+    raise BackendError(f"backend auto: nothing usable for {model} (" + "; ".join(skipped) + ")")
 
 
 def _build(
     name: str,
     model: nn.Module | Path | str,
-    device: str,
+    device: str | torch.device,
+    *,
     precision: str,
+    sample_shape: Sequence[int] | None,
     threads: int | None,
     label: str,
     notify: Notify,
     opt_batch: int,
     max_batch: int,
+    input_range: tuple[float, float],
 ) -> Backend:
     if name in ("torch", "torch-compile"):
         if not isinstance(model, nn.Module):
@@ -379,59 +486,15 @@ def _build(
         return TorchBackend(
             model, device=device, precision=precision, compile=name == "torch-compile"
         )
+    shared = {
+        "precision": precision,
+        "label": label,
+        "notify": notify,
+        "opt_batch": opt_batch,
+        "max_batch": max_batch,
+        "sample_shape": sample_shape,
+        "input_range": input_range,
+    }
     if name == "tensorrt":
-        return TensorRTBackend(
-            model,
-            precision=precision,
-            label=label,
-            notify=notify,
-            opt_batch=opt_batch,
-            max_batch=max_batch,
-        )
-    return OrtBackend(
-        model,
-        provider=name,
-        precision=precision,
-        threads=threads,
-        label=label,
-        notify=notify,
-        opt_batch=opt_batch,
-        max_batch=max_batch,
-    )
-
-
-class ClassifierRunner:
-    """A backend seen as ``advpurify.models.classifiers.Runner``: logits come back on the CPU."""
-
-    def __init__(self, backend: Backend) -> None:
-        self.impl = backend
-        self.backend = backend.name
-
-    def run(self, images: torch.Tensor) -> torch.Tensor:
-        return self.impl.run(images).float().cpu()
-
-
-def classifier_runner(
-    module: nn.Module, backend: str, device: torch.device | str, notify: Notify | None = _stderr
-) -> ClassifierRunner:
-    """Classification on ``backend`` for a ``Classifier`` (input ``input_size`` squared).
-
-    ``auto`` respects the device asked for: on the CPU it is ONNX Runtime's CPU provider.
-    """
-    device = torch.device(device)
-    if backend == "onnxruntime":
-        backend = "ort-cuda" if device.type == "cuda" else "ort-cpu"
-    if backend == "auto" and device.type == "cpu":
-        backend = "ort-cpu"
-        if notify:
-            notify("backend auto: using ort-cpu (device cpu)")
-    size = int(getattr(module, "input_size", 224))
-    built = create_backend(
-        backend,
-        module,
-        device=str(device),
-        sample_shape=(3, size, size),
-        label=str(getattr(module, "name", "classifier")),
-        notify=notify,
-    )
-    return ClassifierRunner(built)
+        return TensorRTBackend(model, **shared)
+    return OrtBackend(model, provider=name, threads=threads, **shared)

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import io
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from advpurify.errors import AdvpurifyError, first_line
 from advpurify.files import atomic_output
+from advpurify.runtime.ort import binding_runner, cpu_runner, ort_session
+from advpurify.runtime.parity import ParityError, ParityReport, compare
+from advpurify.runtime.precision import Float16
+from advpurify.runtime.streams import StreamOrder
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "input"
@@ -34,45 +36,6 @@ OUTPUT_NAME = "output"
 
 class ExportError(AdvpurifyError, RuntimeError):
     """An export that failed, or whose ONNX file disagrees with torch."""
-
-
-class _Float16(nn.Module):
-    """FP16 weights and arithmetic inside, float32 in and out (the project's image convention)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.inner = copy.deepcopy(module).half()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.half()).float()
-
-
-@dataclasses.dataclass(frozen=True)
-class ParityReport:
-    """How closely ONNX Runtime reproduced torch on ``count`` inputs."""
-
-    count: int
-    max_abs_diff: float
-    tolerance: float
-    top1_agreement: float | None  # fraction of inputs with the same argmax (logits only)
-    top1_disagreements: tuple[int, ...] = ()
-    source: str = ""
-    top1: tuple[int, ...] = ()  # ONNX Runtime's top-1 class per input (logits only)
-    reference_top1: tuple[int, ...] = ()  # torch's
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
-
-    def summary(self) -> str:
-        text = (
-            f"ORT vs torch on {self.count} {self.source or 'inputs'}: "
-            f"max abs diff {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})"
-        )
-        if self.top1_agreement is not None:
-            agree = round(self.top1_agreement * self.count)
-            text += f", top-1 identical on {agree}/{self.count}"
-        return text
 
 
 def on_cpu(module: nn.Module) -> nn.Module:
@@ -102,7 +65,7 @@ def export_onnx(
     module = on_cpu(module)
     example = example.detach().to("cpu", torch.float32)
     if fp16:
-        module = _Float16(module).eval()
+        module = Float16(module).eval()
     if dynamic_batch and example.shape[0] < 2:
         # torch.export specialises a batch of 1 to a constant: trace with two samples.
         example = example.expand(2, *example.shape[1:]).contiguous()
@@ -185,12 +148,6 @@ def check_model(path: Path | str) -> None:
         raise ExportError(f"{path}: ONNX checker failed: {first_line(error)}") from None
 
 
-def default_tolerance(reference: torch.Tensor, fp16: bool) -> float:
-    """Absolute tolerance scaled to the output's magnitude (fp32: 1e-3, fp16: 3e-2 relative)."""
-    scale = max(1.0, float(reference.abs().max()))
-    return (3e-2 if fp16 else 1e-3) * scale
-
-
 def compare_with_torch(
     module: nn.Module,
     path: Path | str,
@@ -202,56 +159,36 @@ def compare_with_torch(
     batch_size: int = 16,
     fixed_batch: int | None = None,
     source: str = "",
+    provider: str = "ort-cpu",
     raise_on_failure: bool = True,
 ) -> ParityReport:
-    """Run ``inputs`` through torch (float32 reference) and ONNX Runtime CPU; compare outputs.
+    """The ONNX file on ONNX Runtime's ``provider`` against ``module`` (float32 reference).
 
-    Fails (``ExportError``) when the max abs difference passes ``tolerance``, or when a top-1
-    prediction flips where torch's winning margin is wider than twice the tolerance (a real
-    disagreement, not a near tie that any rounding may break).
+    The one pass rule of :func:`advpurify.runtime.parity.compare`; a failure raises
+    :class:`ExportError` naming the file unless ``raise_on_failure`` is false.
     """
-    from advpurify.runtime.ort import ort_session
-
-    session = ort_session(path, "cpu")
-    module = on_cpu(module)
-    reference, produced = [], []
-    step = fixed_batch or batch_size
-    with torch.inference_mode():
-        for start in range(0, inputs.shape[0], step):
-            chunk = inputs[start : start + step].to("cpu", torch.float32).contiguous()
-            count = chunk.shape[0]
-            if fixed_batch and count < fixed_batch:  # a file with a fixed batch: pad, then drop
-                chunk = torch.cat([chunk, chunk[-1:].expand(fixed_batch - count, *chunk.shape[1:])])
-            reference.append(module(chunk).float()[:count])
-            out = session.run(None, {session.get_inputs()[0].name: chunk.contiguous().numpy()})[0]
-            produced.append(torch.from_numpy(np.asarray(out, dtype=np.float32))[:count])
-    ref = torch.cat(reference)
-    got = torch.cat(produced)
-    if ref.shape != got.shape:
-        shapes = f"{tuple(got.shape)} != torch {tuple(ref.shape)}"
-        raise ExportError(f"{path}: ONNX output shape {shapes}")
-    if tolerance is None:
-        tolerance = default_tolerance(ref, fp16)
-    max_diff = float((ref - got).abs().max()) if ref.numel() else 0.0
-    agreement, flips, real_flips = None, (), []
-    if logits:
-        ref_flat, got_flat = ref.flatten(1), got.flatten(1)
-        same = ref_flat.argmax(1) == got_flat.argmax(1)
-        agreement = float(same.float().mean())
-        flips = tuple(int(i) for i in torch.nonzero(~same).flatten())
-        top2 = ref_flat.topk(min(2, ref_flat.shape[1]), dim=1).values
-        margin = top2[:, 0] - top2[:, -1]
-        real_flips = [i for i in flips if float(margin[i]) > 2 * tolerance]
-    report = ParityReport(
-        count=int(ref.shape[0]),
-        max_abs_diff=max_diff,
-        tolerance=float(tolerance),
-        top1_agreement=agreement,
-        top1_disagreements=flips,
-        source=source,
-        top1=tuple(got.flatten(1).argmax(1).tolist()) if logits else (),
-        reference_top1=tuple(ref.flatten(1).argmax(1).tolist()) if logits else (),
-    )
-    if raise_on_failure and (not report.passed or real_flips):
-        raise ExportError(f"{path}: ONNX output does not match torch: {report.summary()}")
-    return report
+    session = ort_session(path, provider)
+    if provider == "ort-cpu":
+        run = cpu_runner(session)
+    else:
+        device = torch.device("cuda", torch.cuda.current_device())
+        run = binding_runner(session, device, StreamOrder(device))
+    name = {"ort-cpu": "ORT", "ort-cuda": "ORT CUDA", "ort-trt": "ORT TensorRT"}[provider]
+    try:
+        result = compare(
+            on_cpu(module),
+            run,
+            inputs,
+            logits=logits,
+            precision="fp16" if fp16 else "fp32",
+            tolerance=tolerance,
+            batch_size=batch_size,
+            fixed_batch=fixed_batch,
+            source=source,
+            names=("torch", name),
+        )
+    except ParityError as error:  # outputs of another shape
+        raise ExportError(f"{path}: {error}") from None
+    if raise_on_failure:
+        result.check(str(path), ExportError)
+    return result

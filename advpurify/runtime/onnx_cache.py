@@ -20,6 +20,7 @@ from torch import nn
 
 from advpurify.files import sha256_file
 from advpurify.paths import cache_home
+from advpurify.runtime.onnx import DEFAULT_OPSET, check_model, compare_with_torch, export_onnx
 
 _LOCK = threading.Lock()
 
@@ -89,8 +90,6 @@ def cached_onnx(
     Exported, checked (ONNX checker + parity with torch on two inputs) and cached on first use;
     later calls reuse the file after checking its digest, and rebuild it if the digest is wrong.
     """
-    from advpurify.runtime.onnx import DEFAULT_OPSET, check_model, compare_with_torch, export_onnx
-
     opset = opset or DEFAULT_OPSET
     key = onnx_key(module, sample_shape, opset=opset, fp16=fp16)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
