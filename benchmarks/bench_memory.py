@@ -30,9 +30,9 @@ def make_folder(folder: Path, count: int) -> None:
 
 def child(folder: str, out: str) -> None:
     from advpurify.pipeline.batch import PipelineOptions, run_pipeline
-    from advpurify.purifiers import create
+    from advpurify.purifiers import create_purifier
 
-    summary = run_pipeline(folder, out, create("rescale"), PipelineOptions(batch_size=16))
+    summary = run_pipeline(folder, out, create_purifier("rescale"), PipelineOptions(batch_size=16))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{summary.done} {summary.seconds:.2f} {peak_mib:.1f}")
 

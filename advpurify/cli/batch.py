@@ -17,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from advpurify.cli.settings import parse_params
 from advpurify.devices import resolve_device
 from advpurify.pipeline.batch import (
     PipelineOptions,
@@ -29,7 +30,7 @@ from advpurify.pipeline.batch import (
     execute,
     plan_run,
 )
-from advpurify.purifiers import create, method_class, method_names, parse_assignments
+from advpurify.purifiers import create_purifier, list_purifiers, purifier_class, setting_fields
 
 err_console = Console(stderr=True)
 
@@ -71,7 +72,7 @@ def batch(
         background=background,
     )
     options.check()
-    purifier = create(method, device=resolve_device(device), **parse_assignments(param))
+    purifier = create_purifier(method, device=resolve_device(device), **parse_params(method, param))
     plan = plan_run(input_dir, output, purifier, options)
     summary = _run_with_progress(plan, quiet)
     _print_summary(summary)
@@ -126,11 +127,11 @@ def methods() -> None:
     table = Table(show_lines=True)
     for column in ("method", "parameters (default, range)", "notes"):
         table.add_column(column)
-    for name in method_names():
-        cls = method_class(name)
+    for name in list_purifiers():
+        cls = purifier_class(name)
         params = "\n".join(
             f"{p.name}={_show(p.default)} {p.type.__name__} {p.describe_range()}  {p.help}".rstrip()
-            for p in cls.params
+            for p in setting_fields(cls.Settings)
         )
         flags = [
             f

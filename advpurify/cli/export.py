@@ -30,7 +30,7 @@ def _list_exportable() -> None:
 
     from advpurify.export.fused import refusal
     from advpurify.models.registry import exportable_names, get_exportable
-    from advpurify.purifiers.base import method_names
+    from advpurify.purifiers import list_purifiers
 
     table = Table(title="Exportable models")
     for column in ("model", "input", "output", "description"):
@@ -41,7 +41,7 @@ def _list_exportable() -> None:
     purifiers = Table(title="Purifiers in a fused graph (--purifier NAME --classifier MODEL)")
     purifiers.add_column("purifier")
     purifiers.add_column("exportable")
-    for name in method_names():
+    for name in list_purifiers():
         reason = refusal(name)
         purifiers.add_row(name, "yes" if reason is None else f"no: {reason}")
     console = Console()
@@ -77,8 +77,8 @@ def export_command(
     Every file is checked: ONNX checker, then ONNX Runtime against torch (max abs difference,
     top-1 agreement); past the tolerance the export fails and nothing is written.
     """
+    from advpurify.cli.settings import parse_params
     from advpurify.export.exporter import export_fused, export_model
-    from advpurify.purifiers.base import parse_assignments
 
     if list_models:
         _list_exportable()
@@ -101,7 +101,7 @@ def export_command(
             purifier,
             classifier or model,
             output,
-            params=parse_assignments(param),
+            params=parse_params(purifier, param),
             size=size,
             **common,
         )
