@@ -29,6 +29,7 @@ from advpurify.devices import resolve_device
 from advpurify.images import load_image
 from advpurify.models.classifiers import Classifier, build_classifier
 from advpurify.models.imagenet import class_name
+from advpurify.models.registry import ModelSpec, get_model, list_models
 from advpurify.purifiers import (
     ParamError,
     Purifier,
@@ -57,11 +58,14 @@ def load_classifier(
 __all__ = [
     "Classifier",
     "DefendedClassifier",
+    "ModelSpec",
     "ParamError",
     "Purifier",
     "__version__",
     "class_name",
     "create_purifier",
+    "get_model",
+    "list_models",
     "list_purifiers",
     "load_classifier",
     "load_image",
