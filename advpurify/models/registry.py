@@ -39,9 +39,7 @@ def get_model(name: str) -> ModelSpec:
     try:
         return classifiers.classifier_spec(name)
     except classifiers.ClassifierError as error:
-        raise UnknownModelError(
-            f"unknown model {name!r} ({error}; registered: {', '.join(list_models())})"
-        ) from None
+        raise UnknownModelError(f"{error}; registered models: {', '.join(list_models())}") from None
 
 
 exportable_names = list_models
