@@ -8,6 +8,9 @@ where it is not (JPEG, bit depth, median, DIP...), BPDA uses the purifier in the
 the identity in the backward pass. For a stochastic purifier, EOT averages the gradient over
 ``eot`` draws, each with fresh seeds that differ from the seeds the defence uses at test time.
 
+:class:`DefendedClassifier` packs ``classifier(purifier(x))`` with that gradient and EOT into one
+``nn.Module``, so torchattacks, AutoAttack or any torch attack code can attack the defence too.
+
 Every image's attack depends only on that image, its label and its seed: losses are summed per
 image and models run in eval mode, so batch composition never changes a result.
 """
@@ -107,10 +110,14 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 def through_purifier(
-    purifier: Purifier, images: torch.Tensor, seeds: Sequence[int]
+    purifier: Purifier, images: torch.Tensor, seeds: Sequence[int], backward: str | None = None
 ) -> torch.Tensor:
-    """``purifier(images)`` with a gradient: the true one, or BPDA's identity."""
-    if purifier.differentiable:
+    """``purifier(images)`` with a gradient: the true one (``exact``) or BPDA's identity.
+
+    ``backward`` None picks ``exact`` where the purifier is differentiable, else ``bpda``.
+    """
+    backward = backward or ("exact" if purifier.differentiable else "bpda")
+    if backward == "exact":
         return purifier(images, seeds)
     with torch.no_grad():
         purified = purifier(images.detach(), seeds)
@@ -121,6 +128,73 @@ def through_purifier(
 def eot_seeds(seeds: Sequence[int], step: int, draw: int) -> list[int]:
     """The attacker's own randomness per step and draw, never the defence's test-time seeds."""
     return [image_seed(int(seed), f"attack-eot/{step}/{draw}") for seed in seeds]
+
+
+BACKWARDS = ("exact", "bpda")
+
+
+class DefendedClassifier(nn.Module):
+    """``classifier(purifier(x))`` as one ``nn.Module`` any torch attack code can attack.
+
+    ``forward``: ``[0, 1]`` images ``N x 3 x H x W`` in, logits out. Its gradient is the true
+    one through the purifier (``backward="exact"``, the default where the purifier is
+    differentiable) or BPDA's identity (``"bpda"``, the default otherwise): the purifier runs in
+    the forward pass and is skipped in the backward pass (Athalye et al. 2018).
+
+    A stochastic purifier needs ``seeds``, one per image of the batches this module will see:
+    they are the attacker's seeds. Every ``forward`` call draws ``eot`` fresh purifications per
+    image (seeds derived from ``seeds``, the call's index and the draw; never the seeds
+    themselves, which stay the defence's) and returns the mean of their logits (EOT). A
+    deterministic purifier is run once per call; ``seeds`` and ``eot`` are then unused.
+    """
+
+    def __init__(
+        self,
+        purifier: Purifier,
+        classifier: nn.Module,
+        *,
+        backward: str | None = None,
+        eot: int = 1,
+        seeds: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if backward is not None and backward not in BACKWARDS:
+            raise ValueError(f"backward={backward!r}: must be one of {', '.join(BACKWARDS)}")
+        if backward == "exact" and not purifier.differentiable:
+            raise ValueError(
+                f"backward='exact': purifier {purifier.name} is not differentiable; use 'bpda'"
+            )
+        if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
+            raise ValueError(f"eot={eot!r}: must be an integer >= 1")
+        if purifier.stochastic and seeds is None:
+            raise ValueError(
+                f"purifier {purifier.name} is stochastic: pass the attacker's seeds, one per image"
+            )
+        self.purifier = purifier
+        self.classifier = classifier
+        self.backward = backward or ("exact" if purifier.differentiable else "bpda")
+        self.draws = eot if purifier.stochastic else 1
+        self.seeds = None if seeds is None else [int(s) for s in seeds]
+        self.calls = 0
+
+    def draw_logits(self, images: torch.Tensor, call: int, draw: int) -> torch.Tensor:
+        """The logits of one EOT draw of call ``call`` (what :func:`attack` averages)."""
+        if self.seeds is None:
+            seeds = [0] * images.shape[0]  # a deterministic purifier ignores them
+        else:
+            if len(self.seeds) != images.shape[0]:
+                raise ValueError(f"{len(self.seeds)} seeds for a batch of {images.shape[0]} images")
+            seeds = eot_seeds(self.seeds, call, draw)
+        return self.classifier(through_purifier(self.purifier, images, seeds, self.backward))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        call, self.calls = self.calls, self.calls + 1
+        logits = [self.draw_logits(images, call, draw) for draw in range(self.draws)]
+        return logits[0] if len(logits) == 1 else torch.stack(logits).mean(0)
+
+    def train(self, mode: bool = True) -> DefendedClassifier:
+        # Inference mode always: an attack must not change BatchNorm statistics or dropout.
+        return super().train(False)
 
 
 def loss_gradient(
@@ -137,14 +211,20 @@ def loss_gradient(
     """Gradient of the attacker's objective (to ascend) w.r.t. ``images``, averaged over EOT.
 
     Untargeted: cross-entropy of the true label; targeted: minus cross-entropy of the target.
+    ``model`` may be a :class:`DefendedClassifier`, or a classifier with ``purifier`` given
+    (wrapped here); with EOT the gradients of the draws' losses are averaged (step ``step``).
     """
-    seeds = list(range(images.shape[0])) if seeds is None else list(seeds)
-    draws = eot if (purifier is not None and purifier.stochastic) else 1
+    if purifier is not None:
+        model = DefendedClassifier(purifier, model, eot=eot, seeds=seeds)
+    draws = model.draws if isinstance(model, DefendedClassifier) else 1
     total = torch.zeros_like(images)
     for draw in range(draws):
         x = images.detach().clone().requires_grad_(True)
-        z = x if purifier is None else through_purifier(purifier, x, eot_seeds(seeds, step, draw))
-        loss = F.cross_entropy(model(z), labels, reduction="sum")
+        if isinstance(model, DefendedClassifier):
+            logits = model.draw_logits(x, step, draw)
+        else:
+            logits = model(x)
+        loss = F.cross_entropy(logits, labels, reduction="sum")
         if targeted:
             loss = -loss
         (grad,) = torch.autograd.grad(loss, x)
@@ -164,38 +244,40 @@ def attack(
     """Adversarial versions of ``images`` (same device), quantized to 8-bit levels.
 
     ``labels``: true classes (untargeted) or target classes (``config.targeted``). ``model`` maps
-    ``[0, 1]`` images to logits and must live on the images' device. ``purifier``: attack
-    ``model(purifier(x))`` with BPDA/EOT. ``seeds``: one per image (random start, EOT draws).
+    ``[0, 1]`` images to logits and must live on the images' device; it may be a
+    :class:`DefendedClassifier`. ``purifier``: attack ``model(purifier(x))`` through a
+    :class:`DefendedClassifier` (true gradient or BPDA, ``config.eot`` draws). ``seeds``: one per
+    image, required for a random start and a stochastic purifier (the attacker's randomness).
     """
     c = config.resolved()
     labels = labels.to(images.device, torch.long)
-    seeds = list(range(images.shape[0])) if seeds is None else [int(s) for s in seeds]
-    if len(seeds) != images.shape[0] or labels.shape[0] != images.shape[0]:
-        raise ValueError("one label and one seed per image")
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError("one label per image")
+    if seeds is None:
+        if c.random_start or (purifier is not None and purifier.stochastic):
+            raise AttackError(
+                f"{c.describe()}: pass one seed per image (random start, stochastic purifier)"
+            )
+    elif len(seeds) != images.shape[0]:
+        raise ValueError("one seed per image")
+    if purifier is not None:
+        model = DefendedClassifier(purifier, model, eot=c.eot, seeds=seeds)
     eps, alpha = c.eps / 255.0, c.step_size / 255.0
     clean = images.detach()
     x = clean.clone()
     if c.random_start:
+        assert seeds is not None
         noise = torch.stack(
             [
                 torch.rand(clean.shape[1:], generator=gen) * 2 - 1
                 for gen in generators(
-                    [image_seed(s, "attack-start") for s in seeds], torch.device("cpu")
+                    [image_seed(int(s), "attack-start") for s in seeds], torch.device("cpu")
                 )
             ]
         ).to(clean.device)
         x = (clean + eps * noise).clamp(0, 1)
     for step in range(c.steps):
-        grad = loss_gradient(
-            model,
-            x,
-            labels,
-            targeted=c.targeted,
-            purifier=purifier,
-            seeds=seeds,
-            eot=c.eot,
-            step=step,
-        )
+        grad = loss_gradient(model, x, labels, targeted=c.targeted, step=step)
         x = x.detach() + alpha * grad.sign()
         x = torch.min(torch.max(x, clean - eps), clean + eps).clamp(0, 1)
     return quantize(x).detach()
@@ -218,7 +300,6 @@ def attack_in_batches(
     ``progress``: optional callable given the number of images finished after each chunk.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    seeds = list(range(images.shape[0])) if seeds is None else list(seeds)
     out = []
     for start in range(0, images.shape[0], batch_size):
         stop = start + batch_size
@@ -228,7 +309,7 @@ def attack_in_batches(
             labels[start:stop],
             config,
             purifier=purifier,
-            seeds=seeds[start:stop],
+            seeds=None if seeds is None else seeds[start:stop],
         )
         out.append(adv.cpu())
         if progress is not None:

@@ -54,10 +54,10 @@ def make_large_folders(root: Path) -> tuple[Path, Path]:
 
 def child(folder: str, out: str, method: str, options_json: str) -> None:
     from advpurify.pipeline.batch import PipelineOptions, run_pipeline
-    from advpurify.purifiers import create
+    from advpurify.purifiers import create_purifier
 
     options = PipelineOptions(**json.loads(options_json))
-    summary = run_pipeline(folder, out, create(method), options)
+    summary = run_pipeline(folder, out, create_purifier(method), options)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{summary.done} {summary.failed} {summary.seconds:.2f} {peak_mib:.1f}")
 

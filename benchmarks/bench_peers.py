@@ -31,7 +31,7 @@ from advpurify.evaluation.labels import resolve_labels
 from advpurify.images import load_image
 from advpurify.models.classifiers import load_classifier
 from advpurify.paths import shared_data_dir
-from advpurify.purifiers import create
+from advpurify.purifiers import create_purifier
 
 Batch = Callable[[torch.Tensor], torch.Tensor]
 
@@ -79,7 +79,7 @@ def peers(n_tvm: int) -> dict[str, tuple[Batch, dict[str, Batch]]]:
     clip = (0.0, 1.0)
     return {
         "jpeg q75": (
-            create("jpeg", quality=75),
+            create_purifier("jpeg", quality=75),
             {
                 "ART JpegCompression": art_batch(
                     JpegCompression(clip, quality=75, channels_first=True)
@@ -88,14 +88,14 @@ def peers(n_tvm: int) -> dict[str, tuple[Batch, dict[str, Batch]]]:
             },
         ),
         "bitdepth 3": (
-            create("bitdepth", bits=3),
+            create_purifier("bitdepth", bits=3),
             {
                 "ART FeatureSqueezing": art_batch(FeatureSqueezing(clip, bit_depth=3)),
                 "numpy": lambda x: torch.from_numpy(np.round(x.numpy() * 7) / 7),
             },
         ),
         "median 3": (
-            create("median", kernel=3),
+            create_purifier("median", kernel=3),
             {
                 "ART SpatialSmoothing (scipy, reflect)": art_batch(
                     SpatialSmoothing(window_size=3, channels_first=True, clip_values=clip)
@@ -107,7 +107,7 @@ def peers(n_tvm: int) -> dict[str, tuple[Batch, dict[str, Batch]]]:
             },
         ),
         "tvm weight 0.1": (
-            create("tvm", weight=0.1),
+            create_purifier("tvm", weight=0.1),
             {
                 "scikit-image denoise_tv_chambolle": numpy_batch(
                     lambda im: denoise_tv_chambolle(im, weight=0.1, channel_axis=-1)

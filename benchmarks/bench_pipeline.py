@@ -20,7 +20,7 @@ from advpurify.files import atomic_write_bytes
 from advpurify.images import encode_image, find_images, load_image
 from advpurify.paths import shared_data_dir
 from advpurify.pipeline.batch import PipelineOptions, run_pipeline
-from advpurify.purifiers import create
+from advpurify.purifiers import create_purifier
 
 
 def io_floor(files: list[Path], out: Path) -> float:
@@ -33,7 +33,7 @@ def io_floor(files: list[Path], out: Path) -> float:
 def pipeline(folder: Path, out: Path, workers: int, batch_size: int) -> float:
     options = PipelineOptions(workers=workers, batch_size=batch_size)
     started = time.perf_counter()
-    summary = run_pipeline(folder, out, create("rescale"), options)
+    summary = run_pipeline(folder, out, create_purifier("rescale"), options)
     elapsed = time.perf_counter() - started
     assert summary.failed == 0 and summary.done == len(find_images(folder))
     return elapsed

@@ -51,7 +51,7 @@ def compare_engines(methods: list[str], rounds: int) -> None:
     from advpurify.paths import shared_data_dir
     from advpurify.pipeline.batch import PipelineOptions, execute, plan_run
     from advpurify.pipeline.ray_engine import execute_ray
-    from advpurify.purifiers import create
+    from advpurify.purifiers import create_purifier
 
     source = shared_data_dir() / "imagenet-sample"
     print(f"local Ray start-up ({NUM_CPUS} CPUs): {start_ray():.1f} s (once per run, not below)")
@@ -63,7 +63,7 @@ def compare_engines(methods: list[str], rounds: int) -> None:
                     for engine, run in (("local", execute), ("ray", execute_ray)):
                         out = Path(tmp) / f"{method}-{engine}-{k}"
                         options = PipelineOptions(batch_size=16, workers=2)
-                        plan = plan_run(source, out, create(method), options)
+                        plan = plan_run(source, out, create_purifier(method), options)
                         started = time.perf_counter()
                         summary = run(plan)
                         times[engine].append(time.perf_counter() - started)
@@ -91,11 +91,13 @@ def make_folder(folder: Path, count: int) -> None:
 def child(folder: str, out: str) -> None:
     from advpurify.pipeline.batch import PipelineOptions, plan_run
     from advpurify.pipeline.ray_engine import execute_ray, object_store_bytes
-    from advpurify.purifiers import create
+    from advpurify.purifiers import create_purifier
 
     store_mib = object_store_bytes() / 2**20
     start_ray()
-    plan = plan_run(folder, out, create("rescale"), PipelineOptions(batch_size=16, workers=2))
+    plan = plan_run(
+        folder, out, create_purifier("rescale"), PipelineOptions(batch_size=16, workers=2)
+    )
     summary = execute_ray(plan)
     driver_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"{summary.done} {summary.seconds:.2f} {driver_mib:.1f} {store_mib:.0f}", flush=True)

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from advpurify.attacks import AttackConfig, attack
+from advpurify.cli.settings import parse_params
 from advpurify.evaluation.accuracy import topk_accuracy, topk_predictions
 from advpurify.evaluation.dataset import load_dataset
 from advpurify.evaluation.labels import resolve_labels
 from advpurify.models.classifiers import load_classifier
 from advpurify.paths import shared_data_dir
-from advpurify.purifiers import create
+from advpurify.purifiers import create_purifier
 from advpurify.purifiers.base import image_seed
 from advpurify.purifiers.dip import DeepImagePrior, fit
 
@@ -55,10 +56,12 @@ def run(args: argparse.Namespace) -> None:
     clean = data.float_images(subset)
     with torch.enable_grad():
         adversarial = attack(classifier.module, clean, labels, AttackConfig("fgsm", args.eps))
-    rescaled = create("rescale")(adversarial)
-    overrides = dict(item.split("=", 1) for item in args.param)
-    params = DeepImagePrior(preset=args.preset, iterations=max(args.checkpoints), **overrides)
-    settings = params.settings()
+    rescaled = create_purifier("rescale")(adversarial)
+    overrides = parse_params("dip", args.param)
+    purifier = DeepImagePrior.from_values(
+        preset=args.preset, iterations=max(args.checkpoints), **overrides
+    )
+    settings = purifier.settings.resolve()
     part, parts = (int(x) for x in args.part.split("/"))
     mine = list(range(part, len(subset), parts))
     seeds = [image_seed(args.seed, keys[i]) for i in mine]

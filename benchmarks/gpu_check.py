@@ -356,7 +356,7 @@ def step_dip(s: Step) -> None:
         fit_steps=steps, extrapolate=True, sizes=(s.size,), devices=(device,), **s.repeats
     )
     # The dry run proves the calls, not the presets' cost: a tiny net.
-    shrink = {"channels": "4", "input_depth": "4", "scales": "2"} if s.dry_run else {}
+    shrink = {"channels": 4, "input_depth": 4, "scales": 2} if s.dry_run else {}
 
     def run(label: str, preset: str, batch: int, *, conv="auto", tf32=None, precision="fp32"):
         with GpuUtilisation(enabled=device == "cuda") as util:

@@ -20,7 +20,7 @@ from advpurify.evaluation.accuracy import topk_accuracy
 from advpurify.evaluation.dataset import load_dataset
 from advpurify.evaluation.labels import resolve_labels
 from advpurify.models.classifiers import load_classifier
-from advpurify.purifiers import Purifier, create
+from advpurify.purifiers import Purifier, create_purifier
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_sample_accuracy_clean_fgsm_and_rescale(lite0, sample):
     assert len(labels) == 100
     clean = topk_accuracy(lite0.logits(sample["clean"]), labels)
     adversarial = topk_accuracy(lite0.logits(sample["adversarial"]), labels)
-    rescale = create("rescale")
+    rescale = create_purifier("rescale")
     purified = rescale(sample["adversarial"], list(range(100)))
     rescaled = topk_accuracy(lite0.logits(purified), labels)
     print(f"clean {clean}, fgsm {adversarial}, rescale {rescaled}")
@@ -88,7 +88,8 @@ def test_targeted_attack_reaches_its_target(lite0, correct_subset):
     images, _ = correct_subset
     images = images[:4]
     goldfish = torch.full((4,), 1)
-    adv = attack(lite0.module, images, goldfish, AttackConfig("pgd", 16, steps=5, targeted=True))
+    config = AttackConfig("pgd", 16, steps=5, targeted=True)
+    adv = attack(lite0.module, images, goldfish, config, seeds=[0, 1, 2, 3])
     assert (lite0.logits(adv).argmax(1) == 1).sum() >= 3
 
 
@@ -123,7 +124,7 @@ class _Recorder(Purifier):
     stochastic = True
 
     def __init__(self) -> None:
-        super().__init__("cpu")
+        super().__init__()
         self.calls: list[list[int]] = []
 
     def purify(self, images, seeds):
@@ -133,8 +134,8 @@ class _Recorder(Purifier):
 
 def test_bpda_passes_the_gradient_straight_through():
     x = torch.rand(2, 3, 8, 8, requires_grad=True)
-    out = through_purifier(create("jpeg"), x, [0, 1])
-    assert torch.allclose(out, create("jpeg")(x.detach(), [0, 1]))
+    out = through_purifier(create_purifier("jpeg"), x, [0, 1])
+    assert torch.allclose(out, create_purifier("jpeg")(x.detach(), [0, 1]))
     weights = torch.randn_like(x)
     (out * weights).sum().backward()
     torch.testing.assert_close(x.grad, weights)
@@ -143,7 +144,7 @@ def test_bpda_passes_the_gradient_straight_through():
 def test_differentiable_purifier_uses_its_true_gradient():
     x = torch.rand(1, 3, 16, 16, requires_grad=True)
     weights = torch.randn_like(x)
-    (through_purifier(create("rescale"), x, [0]) * weights).sum().backward()
+    (through_purifier(create_purifier("rescale"), x, [0]) * weights).sum().backward()
     assert not torch.allclose(x.grad, weights)  # the resize's own Jacobian, not the identity
 
 
@@ -164,7 +165,7 @@ def test_eot_draws_fresh_seeds_per_draw_and_step():
 def test_bpda_attack_through_jpeg_beats_the_unaware_attack(lite0, correct_subset):
     """The point of adaptive evaluation: JPEG only looks robust against an unaware attacker."""
     images, labels = correct_subset
-    jpeg = create("jpeg")
+    jpeg = create_purifier("jpeg")
     config = AttackConfig("pgd", eps=4, steps=3)
     seeds = list(range(len(labels)))
 
@@ -183,7 +184,7 @@ def test_bpda_attack_through_jpeg_beats_the_unaware_attack(lite0, correct_subset
 def test_eot_attack_through_randpad(lite0, correct_subset):
     """EOT through a stochastic purifier, evaluated with seeds the attacker never saw."""
     images, labels = correct_subset[0][:4], correct_subset[1][:4]
-    randpad = create("randpad")
+    randpad = create_purifier("randpad")
     config = replace(AttackConfig("pgd", eps=8, steps=2), eot=2)
     adv = attack(lite0.module, images, labels, config, purifier=randpad, seeds=[0, 1, 2, 3])
     defended = lite0.logits(randpad(adv, [100, 101, 102, 103])).argmax(1)

@@ -226,7 +226,7 @@ def bench_methods_module():
 def test_dip_time_grows_with_its_steps_and_extrapolation_says_so():
     from advpurify.export.bench import bench_methods
 
-    tiny = {"dip": {"channels": "4", "input_depth": "4", "scales": "2", "iterations": "300"}}
+    tiny = {"dip": {"channels": 4, "input_depth": 4, "scales": 2, "iterations": 300}}
     # Interleaved, best of several: a loaded machine cannot reverse a 12x difference in work.
     best = {}
     for _ in range(2):

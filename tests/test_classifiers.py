@@ -164,7 +164,7 @@ def test_weights_file_of_another_architecture_is_refused(tmp_path):
         build_classifier("googlenet", weights=bad)
     with pytest.raises(ClassifierError, match="tensors"):
         build_classifier("efficientnet-lite0", weights=bad)
-    with pytest.raises(ClassifierError, match="not found"):
+    with pytest.raises(AdvpurifyError, match="missing.pth: no such weights file"):
         build_classifier("googlenet", weights=tmp_path / "missing.pth")
 
 

@@ -20,7 +20,7 @@ from advpurify.models.context_encoder import (
     fill_hole,
     load_generator,
 )
-from advpurify.purifiers import ParamError, create
+from advpurify.purifiers import ParamError, create_purifier
 from advpurify.purifiers.inpaint import hole_box
 from advpurify.weights.registry import WeightsError
 
@@ -97,7 +97,7 @@ def test_hole_is_mean_colour_and_only_context_matters() -> None:
 
 
 def test_center_mode_changes_only_the_centre(checkpoint: Path, photo: torch.Tensor) -> None:
-    purifier = create("context-encoder", mode="center", weights=str(checkpoint))
+    purifier = create_purifier("context-encoder", mode="center", weights=str(checkpoint))
     out = purifier(photo)
     _, _, height, width = photo.shape
     y0, y1, x0, x1 = hole_box(height, width)
@@ -115,7 +115,7 @@ def test_center_mode_changes_only_the_centre(checkpoint: Path, photo: torch.Tens
     seen = []
     recorder = ContextEncoder(build_generator("small"))
     recorder.generator = ConstantCentre(0.0)
-    at_350 = create("context-encoder", mode="center", weights=str(checkpoint), size=350)
+    at_350 = create_purifier("context-encoder", mode="center", weights=str(checkpoint), size=350)
     at_350.model = recorder
     at_350.inpaint = lambda contexts: seen.append(contexts) or torch.zeros(1, 3, 56, 56)
     out_350 = at_350(photo)
@@ -138,7 +138,7 @@ def test_center_mode_changes_only_the_centre(checkpoint: Path, photo: torch.Tens
 
 
 def test_tiled_mode_regenerates_every_pixel(checkpoint: Path, photo: torch.Tensor) -> None:
-    purifier = create("context-encoder", mode="tiled", weights=str(checkpoint), size=128)
+    purifier = create_purifier("context-encoder", mode="tiled", weights=str(checkpoint), size=128)
     out = purifier(photo)
     assert out.shape == photo.shape
     assert bool((out != photo).all())
@@ -163,7 +163,9 @@ def test_tiled_mode_regenerates_every_pixel(checkpoint: Path, photo: torch.Tenso
 
 def test_batch_independence_and_gradients(checkpoint: Path, small_real_images) -> None:
     for mode in ("center", "tiled"):
-        purifier = create("context-encoder", mode=mode, weights=str(checkpoint), batch=3, size=64)
+        purifier = create_purifier(
+            "context-encoder", mode=mode, weights=str(checkpoint), batch=3, size=64
+        )
         together = purifier(small_real_images)
         alone = torch.cat([purifier(img[None]) for img in small_real_images])
         torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
@@ -176,15 +178,15 @@ def test_batch_independence_and_gradients(checkpoint: Path, small_real_images) -
 def test_bad_parameters_and_weights(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("ADVPURIFY_HOME", str(tmp_path / "home"))
     with pytest.raises(ParamError, match="center, tiled"):
-        create("context-encoder", mode="everything")
+        create_purifier("context-encoder", mode="everything")
     with pytest.raises(WeightsError, match="weights context-encoder-imagenet not found"):
-        create("context-encoder")
+        create_purifier("context-encoder")
     with pytest.raises(WeightsError, match="no such weights file"):
-        create("context-encoder", weights=str(tmp_path / "nothing.pt"))
+        create_purifier("context-encoder", weights=str(tmp_path / "nothing.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="junk.pt: not a readable checkpoint"):
-        create("context-encoder", weights=str(junk))
+        create_purifier("context-encoder", weights=str(junk))
 
 
 def test_safetensors_weights(checkpoint: Path, tmp_path: Path) -> None:
@@ -200,7 +202,7 @@ def test_safetensors_weights(checkpoint: Path, tmp_path: Path) -> None:
     assert torch.equal(a, b)
     # Runs and cached stages are keyed by the weights' content, whatever file holds them.
     digests = {
-        create("context-encoder", weights=str(p)).config()["generator_sha256"]
+        create_purifier("context-encoder", weights=str(p)).config()["generator_sha256"]
         for p in (path, checkpoint)
     }
     assert len(digests) == 1
@@ -219,10 +221,10 @@ def test_onnx_export_parity(
     assert entry.sample_shape == (3, 128, 128) and entry.output == "image"
 
     # The purifier on the ort-cpu backend exports the generator (parity-checked, cached) ...
-    on_ort = create(
+    on_ort = create_purifier(
         "context-encoder", mode="tiled", weights=str(checkpoint), size=64, backend="ort-cpu"
     )
-    on_torch = create("context-encoder", mode="tiled", weights=str(checkpoint), size=64)
+    on_torch = create_purifier("context-encoder", mode="tiled", weights=str(checkpoint), size=64)
     torch.testing.assert_close(
         on_ort(small_real_images), on_torch(small_real_images), rtol=0, atol=1e-4
     )
@@ -240,8 +242,8 @@ def test_cuda_matches_cpu(checkpoint: Path, small_real_images) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     for mode in ("center", "tiled"):
-        on_cpu = create("context-encoder", mode=mode, weights=str(checkpoint), size=64)
-        on_gpu = create(
+        on_cpu = create_purifier("context-encoder", mode=mode, weights=str(checkpoint), size=64)
+        on_gpu = create_purifier(
             "context-encoder", mode=mode, weights=str(checkpoint), size=64, device="cuda"
         )
         out = on_gpu(small_real_images.cuda())

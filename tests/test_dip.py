@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from advpurify.attacks import eot_seeds, loss_gradient
 from advpurify.models.skipnet import SkipConfig, SkipNet, reflect_pad_slices, upsample2x
-from advpurify.purifiers import ParamError, create, method_class
+from advpurify.purifiers import ParamError, create_purifier
 from advpurify.purifiers.dip import PRESETS, DipSettings, fit, pad_to_multiple
 
 # Small nets keep the file fast; the fitting code is the same at every size.
@@ -37,31 +37,24 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(-10 * torch.log10((a - b).square().mean()))
 
 
-def test_registered_with_its_flags() -> None:
-    cls = method_class("dip")
-    assert cls.stochastic and not cls.differentiable
-    names = {p.name for p in cls.params}
-    assert names >= {"preset", "iterations", "channels", "lr", "reg_noise_std", "ema", "stop"}
-
-
 def test_paper_preset_and_overrides() -> None:
-    paper = create("dip", preset="paper").settings()
+    paper = create_purifier("dip", preset="paper").settings.resolve()
     shape = (paper.channels, paper.skip_channels, paper.scales, paper.input_depth)
     assert shape == (128, 4, 5, 32)
     assert (paper.iterations, paper.lr, paper.ema) == (3000, 0.01, 0.99)
     assert paper.reg_noise_std == pytest.approx(1 / 30)
-    fast = create("dip").settings()
+    fast = create_purifier("dip").settings.resolve()
     assert fast.iterations == PRESETS["fast"]["iterations"]
-    custom = create(
-        "dip", preset="paper", iterations="7", channels="16", lr="0.02", ema="0", stop="variance"
-    ).settings()
+    custom = create_purifier(
+        "dip", preset="paper", iterations=7, channels=16, lr=0.02, ema=0, stop="variance"
+    ).settings.resolve()
     values = (custom.iterations, custom.channels, custom.lr, custom.ema, custom.stop)
     assert values == (7, 16, 0.02, 0.0, "variance")
     assert custom.skip_channels == 4  # untouched values still come from the preset
     with pytest.raises(ParamError, match="preset"):
-        create("dip", preset="slow")
+        create_purifier("dip", preset="slow")
     with pytest.raises(ParamError, match="ema"):
-        create("dip", ema="1.5")
+        create_purifier("dip", ema=1.5)
 
 
 def test_skipnet_paper_shape() -> None:
@@ -109,7 +102,7 @@ def test_pad_to_multiple_any_size(size: tuple[int, int]) -> None:
 
 def test_purify_shapes_range_and_determinism(small_real_images: torch.Tensor) -> None:
     images = F.interpolate(small_real_images[:3], size=(37, 50), mode="bilinear")
-    purifier = create("dip", iterations="5", **{k: str(v) for k, v in TINY.items()})
+    purifier = create_purifier("dip", **{**TINY, "iterations": 5})
     out = purifier(images, seeds=[1, 2, 3])
     assert out.shape == images.shape and out.dtype == torch.float32
     assert float(out.min()) >= 0 and float(out.max()) <= 1
@@ -225,7 +218,7 @@ def test_under_bpda_and_eot_with_the_attackers_seeds(small_real_images: torch.Te
     # An adaptive attack through DIP: forward through a fit drawn from the attacker's own seeds
     # (never the defence's), backward as the identity, averaged over the EOT draws.
     images, labels = small_real_images[:2], torch.tensor([1, 2])
-    purifier = create("dip", preset="tiny", iterations="5", scales="3", input_depth="4")
+    purifier = create_purifier("dip", preset="tiny", iterations=5, scales=3, input_depth=4)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 5))
     grad = loss_gradient(model, images, labels, purifier=purifier, seeds=[7, 8], eot=2, step=3)
@@ -254,7 +247,7 @@ def test_purified_is_closer_to_clean(small_real_images: torch.Tensor) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_deterministic_and_on_device(small_real_images: torch.Tensor) -> None:
     images = small_real_images[:2].cuda()
-    purifier = create("dip", iterations="20", **{k: str(v) for k, v in TINY.items()})
+    purifier = create_purifier("dip", **{**TINY, "iterations": 20})
     out = purifier(images, seeds=[1, 2])
     assert out.is_cuda and out.shape == images.shape
     assert torch.equal(out, purifier(images, seeds=[1, 2]))

@@ -35,7 +35,7 @@ from advpurify.pipeline.batch import (
     run_pipeline,
 )
 from advpurify.pipeline.manifest import ManifestWriter
-from advpurify.purifiers import create
+from advpurify.purifiers import create_purifier
 from advpurify.purifiers.base import Purifier
 
 BIN = Path(sys.executable).parent
@@ -92,7 +92,7 @@ def test_undecodable_file_name_is_purified_and_recorded_losslessly(tmp_path: Pat
     latin1 = os.fsencode(src) + b"/caf\xe9.png"
     with open(latin1, "wb") as handle:
         handle.write(_png(seed=1))
-    summary = run_pipeline(src, tmp_path / "out", create("bitdepth"))
+    summary = run_pipeline(src, tmp_path / "out", create_purifier("bitdepth"))
     assert (summary.done, summary.failed) == (2, 0)
     inputs = {os.fsencode(record["input"]) for record in _records(tmp_path / "out")}
     assert latin1 in inputs  # the exact bytes come back from the manifest
@@ -108,7 +108,7 @@ def test_input_inside_output_is_refused_and_user_files_are_kept(tmp_path: Path) 
     for overwrite in (False, True):
         with pytest.raises(AdvpurifyError, match="inside the output folder"):
             options = PipelineOptions(overwrite=overwrite)
-            run_pipeline(outer / "in", outer, create("bitdepth"), options)
+            run_pipeline(outer / "in", outer, create_purifier("bitdepth"), options)
     assert _digest(outer) == before
     # The stale-temporary cleanup deletes only the names it creates.
     src, out = tmp_path / "src", tmp_path / "out"
@@ -117,7 +117,7 @@ def test_input_inside_output_is_refused_and_user_files_are_kept(tmp_path: Path) 
     out.mkdir()
     (out / ".notes.partial").write_text("mine")
     (out / ".p.png.abcd1234.partial").write_bytes(b"half an image")  # ours, left by a kill
-    run_pipeline(src, out, create("bitdepth"))
+    run_pipeline(src, out, create_purifier("bitdepth"))
     assert (out / ".notes.partial").read_text() == "mine"
     assert not (out / ".p.png.abcd1234.partial").exists()
 
@@ -129,7 +129,7 @@ def test_output_name_collision_is_refused_up_front_with_both_names(tmp_path: Pat
     for name in ("a.jpg", "a.png", "a.jpg.png"):
         (src / name).write_bytes(_png())
     with pytest.raises(AdvpurifyError, match=r"a\.jpg and a\.jpg\.png would both be written"):
-        run_pipeline(src, tmp_path / "out", create("bitdepth"))
+        run_pipeline(src, tmp_path / "out", create_purifier("bitdepth"))
     assert not (tmp_path / "out").exists()
 
 
@@ -149,14 +149,14 @@ def test_a_full_disk_stops_the_run_and_every_image_is_counted(tmp_path, monkeypa
 
     monkeypatch.setattr(local, "atomic_write_bytes", write_until_full)
     options = PipelineOptions(batch_size=4, workers=1)
-    summary = run_pipeline(src, tmp_path / "out", create("bitdepth"), options)
+    summary = run_pipeline(src, tmp_path / "out", create_purifier("bitdepth"), options)
     assert summary.stopped and "disk full" in summary.stopped and summary.exit_code == 1
     assert summary.done == 11 and summary.failed < 29 and summary.untouched > 0
     assert summary.done + summary.failed + summary.skipped + summary.untouched == 40
     records = _records(tmp_path / "out")
     assert len(records) == summary.done + summary.failed  # the untouched are left for a rerun
     monkeypatch.setattr(local, "atomic_write_bytes", real_write)
-    again = run_pipeline(src, tmp_path / "out", create("bitdepth"), options)
+    again = run_pipeline(src, tmp_path / "out", create_purifier("bitdepth"), options)
     assert (again.skipped, again.done, again.failed) == (11, 29, 0)
 
 
@@ -202,7 +202,9 @@ def test_symlinks_in_the_output_are_never_written_through(tmp_path: Path) -> Non
     (out / MANIFEST).symlink_to(victim)
     for overwrite in (False, True):
         with pytest.raises(AdvpurifyError, match="symlink"):
-            run_pipeline(src, out, create("bitdepth"), PipelineOptions(overwrite=overwrite))
+            run_pipeline(
+                src, out, create_purifier("bitdepth"), PipelineOptions(overwrite=overwrite)
+            )
     assert victim.read_text() == "precious\n"
 
     pout = tmp_path / "pout"
@@ -210,7 +212,9 @@ def test_symlinks_in_the_output_are_never_written_through(tmp_path: Path) -> Non
     (pout / "sub").symlink_to(src / "sub")  # would land the output inside the input
     before = _digest(src)
     for overwrite in (False, True):
-        summary = run_pipeline(src, pout, create("bitdepth"), PipelineOptions(overwrite=overwrite))
+        summary = run_pipeline(
+            src, pout, create_purifier("bitdepth"), PipelineOptions(overwrite=overwrite)
+        )
         assert summary.done == 1 and summary.failed == 1
         assert "leads outside" in summary.failures[0].reason
     assert _digest(src) == before
@@ -226,13 +230,13 @@ def test_decoded_pixels_in_flight_stay_within_the_budget(tmp_path: Path) -> None
     options = PipelineOptions(
         batch_size=8, workers=2, pixel_budget=30_000, max_image_pixels=100_000
     )
-    summary = run_pipeline(src, tmp_path / "out", create("bitdepth"), options)
+    summary = run_pipeline(src, tmp_path / "out", create_purifier("bitdepth"), options)
     assert (summary.done, summary.failed) == (12, 1)
     assert "400 x 300 = 120000 pixels is above the per-image limit" in summary.failures[0].reason
     assert 0 < summary.max_pixels_in_flight <= 30_000
     # An image above the budget but within the limit runs alone.
     alone = PipelineOptions(pixel_budget=5_000, max_image_pixels=200_000)
-    summary = run_pipeline(src, tmp_path / "out2", create("bitdepth"), alone)
+    summary = run_pipeline(src, tmp_path / "out2", create_purifier("bitdepth"), alone)
     assert summary.done == 13 and summary.max_in_flight == 1
 
 
@@ -258,7 +262,7 @@ def test_a_jpeg_with_corrupt_entropy_data_fails(tmp_path: Path) -> None:
     src.mkdir()
     (src / "corrupt.jpg").write_bytes(bytes(data))
     (src / "good.jpg").write_bytes(good)
-    summary = run_pipeline(src, tmp_path / "out", create("bitdepth"))
+    summary = run_pipeline(src, tmp_path / "out", create_purifier("bitdepth"))
     assert (summary.done, summary.failed) == (1, 1)
     assert not (tmp_path / "out" / "corrupt.png").exists()
 
@@ -270,10 +274,12 @@ def test_non_finite_settings_are_refused_and_never_recorded(tmp_path: Path) -> N
     (src / "a.png").write_bytes(_png())
     for method, name in (("rescale", "factor"), ("randpad", "max_scale"), ("tvm", "eps")):
         with pytest.raises(AdvpurifyError, match="finite"):
-            run_pipeline(src, tmp_path / "out", create(method, **{name: "nan"}))
+            run_pipeline(src, tmp_path / "out", create_purifier(method, **{name: "nan"}))
     assert not (tmp_path / "out").exists()
     with pytest.raises(AdvpurifyError, match="background 'pink'"):
-        run_pipeline(src, tmp_path / "out", create("rescale"), PipelineOptions(background="pink"))
+        run_pipeline(
+            src, tmp_path / "out", create_purifier("rescale"), PipelineOptions(background="pink")
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -347,11 +353,11 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path: Path) -> None:
         lock = {"pid": holder.pid, "host": socket.gethostname()}
         (out / LOCK_FILE).write_text(json.dumps(lock))
         with pytest.raises(AdvpurifyError, match=f"in use by another run \\(pid {holder.pid} on"):
-            run_pipeline(src, out, create("bitdepth"))
+            run_pipeline(src, out, create_purifier("bitdepth"))
     finally:
         holder.kill()
         holder.wait()
-    summary = run_pipeline(src, out, create("bitdepth"))  # the owner is dead: taken over
+    summary = run_pipeline(src, out, create_purifier("bitdepth"))  # the owner is dead: taken over
     assert summary.done == 1 and not (out / LOCK_FILE).exists()
 
 
@@ -467,11 +473,11 @@ def test_every_planned_image_is_recorded_once_and_nothing_outside_changes(
         options = PipelineOptions(batch_size=3, workers=2)
         if "collide3" in entries:  # refused up front, naming both inputs: nothing written
             with pytest.raises(AdvpurifyError, match="would both be written"):
-                run_pipeline(src, out, create("bitdepth"), options)
+                run_pipeline(src, out, create_purifier("bitdepth"), options)
             assert not (out / MANIFEST).exists()
             assert {"in": _digest(src), "elsewhere": _digest(elsewhere)} == outside
             return
-        first = run_pipeline(src, out, create("bitdepth"), options)
+        first = run_pipeline(src, out, create_purifier("bitdepth"), options)
         records = _records(out)
         inputs = [os.fsencode(r["input"]) for r in records]
         assert len(inputs) == len(set(inputs)) == first.planned  # each planned image once
@@ -481,7 +487,7 @@ def test_every_planned_image_is_recorded_once_and_nothing_outside_changes(
         outputs = {k: v for k, v in _digest(out).items() if not bytes.fromhex(k).startswith(b"run")}
         outputs.pop(os.fsencode(MANIFEST).hex())
 
-        again = run_pipeline(src, out, create("bitdepth"), options)
+        again = run_pipeline(src, out, create_purifier("bitdepth"), options)
         assert (again.skipped, again.done, again.failed) == (first.done, 0, first.failed)
         rerun = {k: v for k, v in _digest(out).items() if not bytes.fromhex(k).startswith(b"run")}
         rerun.pop(os.fsencode(MANIFEST).hex())

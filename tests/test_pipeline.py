@@ -27,7 +27,7 @@ from advpurify.pipeline.batch import (
     default_output_dir,
     run_pipeline,
 )
-from advpurify.purifiers import create
+from advpurify.purifiers import create_purifier
 from advpurify.purifiers.base import Purifier
 
 BIN = Path(sys.executable).parent
@@ -73,7 +73,9 @@ def test_all_sample_images_through_rescale_with_bad_files(
     before = _tree_digest(sample_copy)
     out = tmp_path / "out"
     good = [p for p in find_images(sample_copy) if p.parent.name != "bad"]
-    summary = run_pipeline(sample_copy, out, create("rescale"), PipelineOptions(batch_size=8))
+    summary = run_pipeline(
+        sample_copy, out, create_purifier("rescale"), PipelineOptions(batch_size=8)
+    )
     assert (summary.done, summary.failed, summary.exit_code) == (len(good), 4, 2)
     assert _tree_digest(sample_copy) == before  # the input folder is never touched
     reasons = {Path(r.input).name: r.reason for r in summary.failures}
@@ -94,8 +96,10 @@ def test_all_sample_images_through_rescale_with_bad_files(
 
 def test_outputs_equal_the_library_call(sample_copy: Path, tmp_path: Path) -> None:
     src = sorted((sample_copy / "animals").iterdir())[0]
-    run_pipeline(sample_copy / "animals", tmp_path / "o", create("rescale"), PipelineOptions())
-    expected = create("rescale")(load_image(src)[None])[0]
+    run_pipeline(
+        sample_copy / "animals", tmp_path / "o", create_purifier("rescale"), PipelineOptions()
+    )
+    expected = create_purifier("rescale")(load_image(src)[None])[0]
     written = load_image(tmp_path / "o" / src.with_suffix(".png").name)
     assert torch.equal(written, expected.mul(255).round().div(255))
 
@@ -105,22 +109,24 @@ def test_resume_skips_done_work_and_refuses_other_settings(
 ) -> None:
     folder = sample_copy / "other"
     out = tmp_path / "out"
-    first = run_pipeline(folder, out, create("bitdepth"))
+    first = run_pipeline(folder, out, create_purifier("bitdepth"))
     digest = _outputs(out)
-    again = run_pipeline(folder, out, create("bitdepth"))
+    again = run_pipeline(folder, out, create_purifier("bitdepth"))
     assert (again.done, again.skipped) == (0, first.done)
     assert _outputs(out) == digest
     with pytest.raises(AdvpurifyError, match="other settings.*bits"):
-        run_pipeline(folder, out, create("bitdepth", bits=5))
-    redo = run_pipeline(folder, out, create("bitdepth", bits=5), PipelineOptions(overwrite=True))
+        run_pipeline(folder, out, create_purifier("bitdepth", bits=5))
+    redo = run_pipeline(
+        folder, out, create_purifier("bitdepth", bits=5), PipelineOptions(overwrite=True)
+    )
     assert redo.done == first.done and _outputs(out) != digest
 
 
 def test_shards_split_the_work_without_overlap(sample_copy: Path, tmp_path: Path) -> None:
     folder = sample_copy / "other"
     out = tmp_path / "out"
-    a = run_pipeline(folder, out, create("bitdepth"), PipelineOptions(shard=Shard(0, 2)))
-    b = run_pipeline(folder, out, create("bitdepth"), PipelineOptions(shard=Shard(1, 2)))
+    a = run_pipeline(folder, out, create_purifier("bitdepth"), PipelineOptions(shard=Shard(0, 2)))
+    b = run_pipeline(folder, out, create_purifier("bitdepth"), PipelineOptions(shard=Shard(1, 2)))
     assert a.done + b.done == 50 and abs(a.done - b.done) <= 1
     assert len(_outputs(out)) == 50
     with pytest.raises(AdvpurifyError, match="shard"):
@@ -129,11 +135,11 @@ def test_shards_split_the_work_without_overlap(sample_copy: Path, tmp_path: Path
 
 def test_folder_checks(sample_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(AdvpurifyError, match="inside the input folder"):
-        run_pipeline(sample_copy, sample_copy / "purified", create("rescale"))
+        run_pipeline(sample_copy, sample_copy / "purified", create_purifier("rescale"))
     with pytest.raises(AdvpurifyError, match="inside the input folder"):
-        run_pipeline(sample_copy, sample_copy, create("rescale"))
+        run_pipeline(sample_copy, sample_copy, create_purifier("rescale"))
     with pytest.raises(AdvpurifyError, match="does not exist"):
-        run_pipeline(tmp_path / "missing", tmp_path / "out", create("rescale"))
+        run_pipeline(tmp_path / "missing", tmp_path / "out", create_purifier("rescale"))
     assert default_output_dir(sample_copy, "jpeg") == sample_copy.parent / "photos-purified-jpeg"
 
 
@@ -144,7 +150,9 @@ def test_name_collisions_and_output_formats(tmp_path: Path, sample_paths: list[P
     image.save(src / "a.jpg")
     image.save(src / "a.png")
     image.save(src / "b.bmp")
-    summary = run_pipeline(src, tmp_path / "out", create("rescale"), PipelineOptions(fmt="webp"))
+    summary = run_pipeline(
+        src, tmp_path / "out", create_purifier("rescale"), PipelineOptions(fmt="webp")
+    )
     assert summary.done == 3
     names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.suffix == ".webp")
     assert names == ["a.jpg.webp", "a.png.webp", "b.webp"]
@@ -178,7 +186,7 @@ def test_memory_stays_bounded_on_a_large_folder(tmp_path: Path) -> None:
         size = (8 + k % 7, 8)
         Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(src / f"{k}.png")
     options = PipelineOptions(batch_size=4, workers=2)
-    summary = run_pipeline(src, tmp_path / "out", create("bitdepth"), options)
+    summary = run_pipeline(src, tmp_path / "out", create_purifier("bitdepth"), options)
     assert summary.done == 600
     # Reads ahead (a batch + 2 per reader), partial batches, one batch on the device, writers.
     bound = (
@@ -190,7 +198,7 @@ def test_memory_stays_bounded_on_a_large_folder(tmp_path: Path) -> None:
 def test_kill_and_resume_gives_identical_outputs(sample_copy: Path, tmp_path: Path) -> None:
     source = sample_copy / "animals"
     reference = tmp_path / "reference"
-    run_pipeline(source, reference, create("median"), PipelineOptions(batch_size=4))
+    run_pipeline(source, reference, create_purifier("median"), PipelineOptions(batch_size=4))
 
     out = tmp_path / "killed"
     command = [str(BIN / "purify-batch"), str(source), "-m", "median", "-o", str(out)]

@@ -14,7 +14,7 @@ import torch
 
 from advpurify.models.caffenet import build_encoder
 from advpurify.models.deepsim import DECONVS, FCS, build_generator, center_crop
-from advpurify.purifiers import create, method_class
+from advpurify.purifiers import create_purifier
 from advpurify.weights import WeightsError, WeightsNotFound, cached_path, import_file
 from advpurify.weights.caffe import write_caffemodel
 
@@ -70,16 +70,21 @@ def test_gradient_flows_through_e_of_g(generator, encoder):
     generator.requires_grad_(True)
 
 
-def test_registration_and_defaults():
-    cls = method_class("ppgn")
-    assert cls.stochastic is True and cls.differentiable is False
-    defaults = {p.name: p.default for p in cls.params}
-    assert defaults["steps"] == 200 and defaults["lr"] == 0.5 and defaults["eps1"] == 1e-5
-    assert defaults["eps3"] == 1e-17 and defaults["data_weight"] == 1e-9
+def test_needs_seeds_and_is_attacked_through_bpda(images):
+    """Stochastic: no seeds, no output (never the batch position); not differentiable: BPDA."""
+    from advpurify.attacks import DefendedClassifier
+
+    purifier = create_purifier("ppgn", steps=1, weights="random", eps3=1e-3)
+    with pytest.raises(ValueError, match="stochastic: pass one seed per image"):
+        purifier(images[:1])
+    model = DefendedClassifier(purifier, torch.nn.Flatten(), seeds=[3])
+    assert model.backward == "bpda"
+    with pytest.raises(ValueError, match="not differentiable"):
+        DefendedClassifier(purifier, torch.nn.Flatten(), backward="exact", seeds=[3])
 
 
 def test_sampler_batched_equals_sequential_and_is_deterministic(images):
-    purifier = create("ppgn", steps=2, weights="random", eps3=1e-3)
+    purifier = create_purifier("ppgn", steps=2, weights="random", eps3=1e-3)
     # The same two images twice with different seeds: the noise must come from the seed.
     out = purifier(torch.cat([images, images]), seeds=[11, 12, 13, 14])
     assert out.shape == (4, *images.shape[1:]) and out.dtype == torch.float32
@@ -92,7 +97,9 @@ def test_sampler_batched_equals_sequential_and_is_deterministic(images):
 
 
 def test_data_term_pulls_g_towards_the_input(images):
-    purifier = create("ppgn", steps=2, eps1=0.0, data_weight=1.0, eps3=0.0, weights="random")
+    purifier = create_purifier(
+        "ppgn", steps=2, eps1=0.0, data_weight=1.0, eps3=0.0, weights="random"
+    )
     generator, encoder = purifier.models(images.device)
     target = encoder.preprocess(images[:1])
 
@@ -106,7 +113,7 @@ def test_data_term_pulls_g_towards_the_input(images):
 
 def test_missing_weights_name_the_commands(home):
     with pytest.raises(WeightsNotFound) as info:
-        create("ppgn", steps=1)  # at construction: before any batch run starts
+        create_purifier("ppgn", steps=1)  # at construction: before any batch run starts
     message = str(info.value)
     assert "advpurify weights fetch ppgn" in message and "advpurify weights import" in message
 
@@ -130,8 +137,8 @@ def test_imported_caffe_files_drive_the_purifier(home, tmp_path, generator, enco
     assert cached_path("deepsim-fc6").is_file() and cached_path("caffenet-fc6").is_file()
     e_file.unlink()
     g_file.unlink()
-    cached = create("ppgn", steps=1)(images[:1], seeds=[5])
-    random = create("ppgn", steps=1, weights="random")(images[:1], seeds=[5])
+    cached = create_purifier("ppgn", steps=1)(images[:1], seeds=[5])
+    random = create_purifier("ppgn", steps=1, weights="random")(images[:1], seeds=[5])
     torch.testing.assert_close(cached, random, atol=1e-5, rtol=0)
 
 
@@ -173,6 +180,6 @@ def test_export_parity_of_g_and_e(tmp_path, small_real_images):
 
 def test_feed_forward_ends_on_onnx_runtime_match_torch(home, images):
     params = dict(steps=0, weights="random")  # output = G(E(x)): both ends, nothing else
-    on_torch = create("ppgn", **params)(images, seeds=[1, 2])
-    on_ort = create("ppgn", backend="ort-cpu", **params)(images, seeds=[1, 2])
+    on_torch = create_purifier("ppgn", **params)(images, seeds=[1, 2])
+    on_ort = create_purifier("ppgn", backend="ort-cpu", **params)(images, seeds=[1, 2])
     torch.testing.assert_close(on_ort, on_torch, atol=2e-3, rtol=0)

@@ -20,7 +20,7 @@ from advpurify.models.deepsim import (
     build_generator,
     center_crop,
 )
-from advpurify.purifiers import create
+from advpurify.purifiers import create_purifier
 from advpurify.weights.prototxt import read_prototxt
 
 
@@ -138,7 +138,7 @@ def _photo(small_real_images: torch.Tensor) -> torch.Tensor:
 
 
 def test_step_size_anneals_and_each_step_moves_h_by_it(small_real_images) -> None:
-    purifier = create("ppgn", steps=4, weights="random", eps3=0.0)
+    purifier = create_purifier("ppgn", steps=4, weights="random", eps3=0.0)
     assert purifier.lr_end == 0.0  # annealed by default
     assert [purifier.step_size(t) for t in range(4)] == [0.5, 0.375, 0.25, 0.125]
     generator, encoder = purifier.models(torch.device("cpu"))
@@ -152,13 +152,13 @@ def test_step_size_anneals_and_each_step_moves_h_by_it(small_real_images) -> Non
         # Normalised by mean |d_h|: the unclipped elements move by lr on average.
         assert float(step[inside].mean()) == pytest.approx(lr, rel=0.25)
 
-    constant = create("ppgn", steps=4, weights="random", eps3=0.0, lr_end=0.5)
+    constant = create_purifier("ppgn", steps=4, weights="random", eps3=0.0, lr_end=0.5)
     assert [constant.step_size(t) for t in range(4)] == [0.5] * 4
 
 
 def test_sampler_run_reports_term_magnitudes(small_real_images) -> None:
     images = _photo(small_real_images)
-    purifier = create("ppgn", steps=3, weights="random", eps3=0.0)
+    purifier = create_purifier("ppgn", steps=3, weights="random", eps3=0.0)
     out = purifier(images, seeds=[1, 2])
     run = purifier.last_run
     assert out.shape == images.shape
@@ -171,7 +171,7 @@ def test_sampler_run_reports_term_magnitudes(small_real_images) -> None:
         prior0 = 1e-5 * (encoder.caffe(center_crop(generator.caffe(h0))) - h0).abs().mean(1)
     torch.testing.assert_close(run.prior_magnitude[0], prior0, rtol=1e-4, atol=0)
 
-    no_data = create("ppgn", steps=2, weights="random", eps3=0.0, data_weight=0.0)
+    no_data = create_purifier("ppgn", steps=2, weights="random", eps3=0.0, data_weight=0.0)
     no_data(images, seeds=[1, 2])
     assert torch.equal(no_data.last_run.data_magnitude, torch.zeros(2, 2))
 

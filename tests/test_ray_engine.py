@@ -27,7 +27,7 @@ from advpurify.errors import AdvpurifyError
 from advpurify.images import load_image
 from advpurify.pipeline.batch import MANIFEST, PipelineOptions, execute, plan_run
 from advpurify.pipeline.ray_engine import RayOptions, check_shared_folders, execute_ray
-from advpurify.purifiers import create
+from advpurify.purifiers import create_purifier
 from advpurify.purifiers.base import Param, Purifier
 
 BIN = Path(sys.executable).parent
@@ -74,10 +74,12 @@ def small_photos(tmp_path_factory, sample_paths: list[Path]) -> Path:
 def _both_engines(source: Path, tmp: Path, method: str, params: dict, seed: int = 0):
     options = dict(batch_size=4, seed=seed)
     local = execute(
-        plan_run(source, tmp / "local", create(method, **params), PipelineOptions(**options))
+        plan_run(
+            source, tmp / "local", create_purifier(method, **params), PipelineOptions(**options)
+        )
     )
     on_ray = execute_ray(
-        plan_run(source, tmp / "ray", create(method, **params), PipelineOptions(**options))
+        plan_run(source, tmp / "ray", create_purifier(method, **params), PipelineOptions(**options))
     )
     return local, on_ray
 
@@ -146,7 +148,7 @@ def test_killed_driver_leaves_complete_files_and_the_same_command_resumes(
 ) -> None:
     source = photos / "a"
     reference = tmp_path / "reference"
-    execute(plan_run(source, reference, create("median"), PipelineOptions(batch_size=1)))
+    execute(plan_run(source, reference, create_purifier("median"), PipelineOptions(batch_size=1)))
     out = tmp_path / "killed"
     address = ray_local.get_runtime_context().gcs_address
     command = [str(BIN / "purify-batch"), str(source), "-m", "median", "-o", str(out)]
@@ -179,7 +181,7 @@ def test_a_folder_the_workers_cannot_see_is_refused(ray_local, tmp_path: Path) -
     source = tmp_path / "in"
     source.mkdir()
     Image.new("RGB", (8, 8)).save(source / "x.png")
-    plan = plan_run(source, tmp_path / "out", create("rescale"))
+    plan = plan_run(source, tmp_path / "out", create_purifier("rescale"))
     source.rename(tmp_path / "elsewhere")  # as a path that exists only on the driver's machine
     with pytest.raises(AdvpurifyError, match="cannot see the input folder.*every node"):
         check_shared_folders(plan)
@@ -226,8 +228,8 @@ def test_stop_ends_the_run_and_a_rerun_finishes_it(
 ) -> None:
     stop = threading.Event()
     stop.set()  # as the CLI does on Ctrl-C
-    plan = plan_run(small_photos, tmp_path / "out", create("bitdepth"))
+    plan = plan_run(small_photos, tmp_path / "out", create_purifier("bitdepth"))
     first = execute_ray(plan, None, stop)
     assert first.done == 1
-    again = execute_ray(plan_run(small_photos, tmp_path / "out", create("bitdepth")))
+    again = execute_ray(plan_run(small_photos, tmp_path / "out", create_purifier("bitdepth")))
     assert again.done + again.skipped == 4 and again.skipped >= 1

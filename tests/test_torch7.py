@@ -295,9 +295,9 @@ def test_import_writes_cache_and_purifier_uses_it(tmp_path: Path, monkeypatch) -
         torch.testing.assert_close(from_cache(images), expected, rtol=0, atol=1e-6)
         torch.testing.assert_close(from_t7(images), expected, rtol=0, atol=1e-6)
 
-    from advpurify.purifiers import create
+    from advpurify.purifiers import create_purifier
 
-    purifier = create("context-encoder")  # the default weights: the imported model
+    purifier = create_purifier("context-encoder")  # the default weights: the imported model
     out = purifier(torch.rand(1, 3, 96, 96))
     assert out.shape == (1, 3, 96, 96)
 

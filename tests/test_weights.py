@@ -25,7 +25,7 @@ from advpurify.weights import (
     register_source,
     require,
 )
-from advpurify.weights.caffe import read_caffemodel
+from advpurify.weights.caffe import convert_caffemodel, read_caffemodel
 from advpurify.weights.registry import unregister_source
 
 
@@ -110,11 +110,17 @@ def lenet_source(server, lenet_bytes):
             url=url,
             size=len(lenet_bytes),
             sha256=hashlib.sha256(lenet_bytes).hexdigest(),
-            converter="advpurify.weights.caffe:convert_caffemodel",
+            converter=convert_caffemodel,
         )
     )
     yield source
     unregister_source(source.name)
+
+
+def swap_source(source: Source) -> None:
+    """Replace the test source (a registered name is never silently overwritten)."""
+    unregister_source(source.name)
+    register_source(source)
 
 
 def _leftovers(home: Path) -> list[str]:
@@ -155,7 +161,7 @@ def test_interrupted_transfer_resumes_by_itself(home, server, lenet_source, lene
 
 
 def test_checksum_mismatch_is_refused_and_nothing_is_kept(home, server, lenet_source):
-    register_source(
+    swap_source(
         Source(
             name="test-lenet",
             format="caffemodel",
@@ -163,7 +169,6 @@ def test_checksum_mismatch_is_refused_and_nothing_is_kept(home, server, lenet_so
             sha256="0" * 64,
             converter=lenet_source.converter,
         ),
-        replace=True,
     )
     with pytest.raises(WeightsError) as info:
         fetch("test-lenet", progress=False)
@@ -192,10 +197,9 @@ def test_corrupt_partial_is_never_moved_into_the_cache(home, server, lenet_sourc
 
 
 def test_wrong_size_is_refused(home, server, lenet_source, lenet_bytes):
-    register_source(
+    swap_source(
         Source(name="test-lenet", format="caffemodel", url=lenet_source.url,
                size=len(lenet_bytes) + 1, converter=lenet_source.converter),
-        replace=True,
     )  # fmt: skip
     with pytest.raises(WeightsError, match=f"size {len(lenet_bytes)} bytes, expected"):
         fetch("test-lenet", progress=False)
@@ -213,10 +217,9 @@ def test_server_ignoring_range_restarts_the_file(home, server, lenet_source, len
 
 
 def test_unreachable_server_names_the_import_command(home, lenet_source):
-    register_source(
+    swap_source(
         Source(name="test-lenet", format="caffemodel", url="http://127.0.0.1:9/x.caffemodel",
                converter=lenet_source.converter),
-        replace=True,
     )  # fmt: skip
     with pytest.raises(WeightsError, match="advpurify weights import test-lenet FILE"):
         fetch("test-lenet", progress=False)

@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from advpurify.cli.settings import parse_params
 from advpurify.devices import resolve_device
 from advpurify.files import check_writable_folder, display_name
 from advpurify.images import MAX_IMAGE_PIXELS
@@ -35,7 +36,7 @@ from advpurify.pipeline.batch import (
     plan_run,
 )
 from advpurify.pipeline.ray_engine import Engine, RayOptions, select_engine
-from advpurify.purifiers import create, method_class, method_names, parse_assignments
+from advpurify.purifiers import create_purifier, list_purifiers, purifier_class, setting_fields
 
 err_console = Console(stderr=True)
 
@@ -97,7 +98,7 @@ def batch(
     check_finite_assignments(param)
     # The Ray engine builds its purifiers on the workers; the driver's copy only plans.
     driver_device = resolve_device(device) if engine == "local" else "cpu"
-    purifier = create(method, device=driver_device, **parse_assignments(param))
+    purifier = create_purifier(method, device=driver_device, **parse_params(method, param))
     plan = plan_run(input_dir, output, purifier, options)
     summary = _run_with_progress(plan, quiet, run)
     _print_summary(summary)
@@ -183,11 +184,11 @@ def methods() -> None:
     table = Table(show_lines=True)
     for column in ("method", "parameters (default, range)", "notes"):
         table.add_column(column)
-    for name in method_names():
-        cls = method_class(name)
+    for name in list_purifiers():
+        cls = purifier_class(name)
         params = "\n".join(
             f"{p.name}={_show(p.default)} {p.type.__name__} {p.describe_range()}  {p.help}".rstrip()
-            for p in cls.params
+            for p in setting_fields(cls.Settings)
         )
         flags = [
             f

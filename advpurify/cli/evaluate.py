@@ -169,12 +169,8 @@ def experiment_command(
 ) -> None:
     """Clean, adversarial, and each method on both: the whole results table in one command."""
     from advpurify.attacks import AttackConfig
-    from advpurify.evaluation.experiment import (
-        ExperimentConfig,
-        parse_method_params,
-        parse_methods,
-        run_experiment,
-    )
+    from advpurify.cli.settings import parse_method_params
+    from advpurify.evaluation.experiment import ExperimentConfig, parse_methods, run_experiment
     from advpurify.evaluation.report import markdown_table
 
     method_list = parse_methods(methods)

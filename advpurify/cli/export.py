@@ -16,6 +16,13 @@ from advpurify.files import check_writable_file
 MAX_BENCH_BATCH = 4096
 
 
+def _name_the_method(items: list[str], methods: list[str]) -> list[str]:
+    """A bare ``-p name=value`` belongs to the one method benchmarked."""
+    if len(methods) != 1:
+        return list(items)
+    return [i if "." in i.partition("=")[0] else f"{methods[0]}.{i}" for i in items]
+
+
 def _note(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -34,7 +41,7 @@ def _list_exportable() -> None:
 
     from advpurify.export.fused import refusal
     from advpurify.models.registry import exportable_names, get_exportable
-    from advpurify.purifiers.base import method_names
+    from advpurify.purifiers import list_purifiers
 
     table = Table(title="Exportable models")
     for column in ("model", "input", "output", "description"):
@@ -45,7 +52,7 @@ def _list_exportable() -> None:
     purifiers = Table(title="Purifiers in a fused graph (--purifier NAME --classifier MODEL)")
     purifiers.add_column("purifier")
     purifiers.add_column("exportable")
-    for name in method_names():
+    for name in list_purifiers():
         reason = refusal(name)
         purifiers.add_row(name, "yes" if reason is None else f"no: {reason}")
     console = Console()
@@ -81,8 +88,8 @@ def export_command(
     Every file is checked: ONNX checker, then ONNX Runtime against torch (max abs difference,
     top-1 agreement); past the tolerance the export fails and nothing is written.
     """
+    from advpurify.cli.settings import parse_params
     from advpurify.export.exporter import export_fused, export_model
-    from advpurify.purifiers.base import parse_assignments
 
     if list_models:
         _list_exportable()
@@ -106,7 +113,7 @@ def export_command(
             purifier,
             classifier or model,
             output,
-            params=parse_assignments(param),
+            params=parse_params(purifier, param),
             size=size,
             **common,
         )
@@ -198,7 +205,8 @@ def _bench_methods(
     from rich.console import Console
     from rich.table import Table
 
-    from advpurify.export.bench import bench_methods, parse_method_params, plot_methods, write_json
+    from advpurify.cli.settings import parse_method_params
+    from advpurify.export.bench import bench_methods, plot_methods, write_json
 
     if len(backend) > 1 or len(precision) > 1:
         raise AdvpurifyError("--method takes one --backend (of --classifier) and one --precision")
@@ -217,7 +225,7 @@ def _bench_methods(
 
     results = bench_methods(
         methods,
-        params=parse_method_params(methods, param),
+        params=parse_method_params(_name_the_method(param, methods), list(methods)),
         devices=device,
         batch_sizes=batch_size,
         sizes=size,

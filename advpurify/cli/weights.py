@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+import advpurify.models.registry  # noqa: F401  (every model registers its weight sources)
+
 weights_app = typer.Typer(
     help="Pretrained weights: download, import an existing file, list, convert Caffe models.",
     no_args_is_help=True,

@@ -26,7 +26,7 @@ from advpurify.evaluation.labels import resolve_labels
 from advpurify.evaluation.stages import Stage
 from advpurify.files import check_output_outside
 from advpurify.models.classifiers import LoadedClassifier, load_classifier
-from advpurify.purifiers import create, method_class
+from advpurify.purifiers import create_purifier, purifier_class
 from advpurify.purifiers.base import ParamError, Purifier, image_seed
 
 DEFAULT_BACKEND = "auto"  # ONNX Runtime on the CPU; TensorRT > ORT CUDA on a GPU
@@ -40,7 +40,7 @@ class ExperimentConfig:
     weights: str | None = None
     attack: AttackConfig = field(default_factory=AttackConfig)
     methods: list[str] = field(default_factory=list)
-    params: dict[str, dict[str, str]] = field(default_factory=dict)
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # typed settings
     adaptive: bool = False
     adaptive_n: int = 20
     adaptive_steps: int = 10
@@ -55,25 +55,11 @@ class ExperimentConfig:
     overwrite: bool = False
 
 
-def parse_method_params(items: Iterable[str], methods: list[str]) -> dict[str, dict[str, str]]:
-    """``["jpeg.quality=50", "rescale.factor=0.25"]`` -> ``{"jpeg": {"quality": "50"}, ...}``."""
-    params: dict[str, dict[str, str]] = {}
-    for item in items:
-        target, sep, value = item.partition("=")
-        method, dot, name = target.strip().partition(".")
-        if not sep or not dot or not method or not name:
-            raise ParamError(f"--param {item!r}: expected method.name=value")
-        if method not in methods:
-            raise ParamError(f"--param {item!r}: method {method!r} is not among --methods")
-        params.setdefault(method, {})[name] = value.strip()
-    return params
-
-
 def parse_methods(text: str | Iterable[str]) -> list[str]:
     names = text.split(",") if isinstance(text, str) else list(text)
     methods = [n.strip() for n in names if n.strip()]
     for name in methods:
-        method_class(name)  # raises for an unknown method, listing the known ones
+        purifier_class(name)  # raises for an unknown method, listing the known ones
     if len(set(methods)) != len(methods):
         raise ParamError(f"--methods {','.join(methods)}: a method is named twice")
     return methods
@@ -145,7 +131,7 @@ class Experiment:
         methods = parse_methods(config.methods)
         self.device = resolve_device(config.device)
         self.purifiers: dict[str, Purifier] = {
-            m: create(m, device=self.device, **config.params.get(m, {})) for m in methods
+            m: create_purifier(m, device=self.device, **config.params.get(m, {})) for m in methods
         }
         unknown = set(config.params) - set(methods)
         if unknown:
@@ -454,7 +440,6 @@ __all__ = [
     "Experiment",
     "ExperimentConfig",
     "ExperimentResult",
-    "parse_method_params",
     "parse_methods",
     "run_experiment",
 ]

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from torch import nn
 
 from advpurify.errors import AdvpurifyError
 from advpurify.models.registry import get_exportable
-from advpurify.purifiers.base import ParamError, Purifier, create, method_class, parse_params
+from advpurify.purifiers import Purifier, create_purifier, purifier_class
 from advpurify.runtime.backends import Backend, create_backend
 
 Notify = Callable[[str], None]
@@ -405,28 +406,7 @@ def _photo_square(name: str, size: int) -> torch.Tensor:
     return resized[0].clamp(0.0, 1.0)
 
 
-def parse_method_params(
-    methods: Sequence[str], assignments: Sequence[str]
-) -> dict[str, dict[str, str]]:
-    """``-p dip.iterations=100`` -> ``{"dip": {"iterations": "100"}}``; a bare ``name=value``
-    is allowed when one method is benchmarked."""
-    params: dict[str, dict[str, str]] = {m: {} for m in methods}
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        method, dot, name = key.strip().rpartition(".")
-        if not sep or not name:
-            raise ParamError(f"-p {item!r}: expected METHOD.name=value")
-        if not dot:
-            if len(methods) != 1:
-                raise ParamError(f"-p {item!r}: name the method (METHOD.{name}=value)")
-            method = methods[0]
-        if method not in params:
-            raise ParamError(f"-p {item!r}: {method} is not one of the --method values")
-        params[method][name] = value.strip()
-    return params
-
-
-def _random_weight_params(method: str, folder: Path) -> dict[str, str]:
+def _random_weight_params(method: str, folder: Path) -> dict[str, Any]:
     """Parameters that give ``method`` random weights of the true shapes (timing needs no
     trained weights, and a GPU machine may have none)."""
     if method == "ppgn":
@@ -446,19 +426,19 @@ def _random_weight_params(method: str, folder: Path) -> dict[str, str]:
 
 def plan_method(
     method: str,
-    values: dict[str, str],
+    values: dict[str, Any],
     device: torch.device,
     *,
     fit_steps: int,
     random_weights: bool,
     folder: Path,
 ) -> MethodPlan:
-    """Build ``method``'s purifier with ``values``; an iterative method runs ``fit_steps``."""
-    cls = method_class(method)
+    """Build ``method``'s purifier with typed ``values``; an iterative method runs
+    ``fit_steps``."""
     values = dict(values)
     if random_weights:
         values = {**_random_weight_params(method, folder), **values}
-    shown = parse_params(cls, values)
+    shown = create_purifier(method, device="cpu", **values).settings.as_dict()  # validates
     configured = None
     step_param = ITERATIVE.get(method)
     if step_param is not None:
@@ -467,8 +447,8 @@ def plan_method(
             from advpurify.purifiers.dip import DipSettings
 
             configured = DipSettings.from_preset(**shown).iterations
-        values[step_param] = str(fit_steps)
-    purifier = create(method, device=device, **values)
+        values[step_param] = fit_steps
+    purifier = create_purifier(method, device=device, **values)
     return MethodPlan(
         method=method,
         purifier=purifier,
@@ -595,7 +575,7 @@ AUTOCAST = ("fp32", "bf16", "fp16")
 def bench_methods(
     methods: Sequence[str],
     *,
-    params: dict[str, dict[str, str]] | None = None,
+    params: dict[str, dict[str, Any]] | None = None,
     devices: Sequence[str] = ("cpu",),
     batch_sizes: Sequence[int] = (1, 16),
     sizes: Sequence[int] = (224,),
@@ -638,8 +618,8 @@ def bench_methods(
     if precision not in AUTOCAST:
         raise AdvpurifyError(f"precision {precision!r}: use one of {', '.join(AUTOCAST)}")
     for method in methods:
-        method_class(method)  # an unknown method fails before anything is built
-    params = parse_method_params(methods, []) | (params or {})
+        purifier_class(method)  # an unknown method fails before anything is built
+    params = {m: {} for m in methods} | (params or {})
     targets = [resolve_device(d) for d in devices]
     if precision == "fp16" and any(t.type == "cpu" for t in targets):
         raise AdvpurifyError("fp16 autocast needs a CUDA device")

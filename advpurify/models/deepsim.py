@@ -17,7 +17,9 @@ from torch import nn
 
 from advpurify.models.caffe_build import build_caffe_model
 from advpurify.models.caffe_pixels import caffe_to_rgb01, crop_offset, mean_image
+from advpurify.models.spec import ModelSpec, register_model
 from advpurify.weights.convert import checked_state, parameter_shapes
+from advpurify.weights.registry import Source
 
 CODE_SIZE = 4096
 OUTPUT_SIZE = 256
@@ -50,6 +52,7 @@ PORT_ALIASES = {
 }
 
 RANDOM_GAIN = 3.0
+HF_DEEPSIM = "https://huggingface.co/binxu/DeePSim_DosovitskiyBrox2016/resolve/main"
 
 
 class DeePSiMGenerator(nn.Module):
@@ -105,3 +108,46 @@ def build_generator(weights: str | Path | None = None, seed: int = 0) -> DeePSiM
         expected_shapes(),
         convert_weights,
     )
+
+
+# None of the PPGN files could be downloaded on the machines this project was built on, so their
+# sizes and SHA-256 sums are unknown; the layer-by-layer shape check of the converter guards them.
+SPEC = register_model(
+    ModelSpec(
+        name="deepsim-fc6",
+        builder=build_generator,
+        description="PPGN generator G (DeePSiM fc6, Dosovitskiy & Brox 2016): fc6 code -> "
+        "256x256 [0, 1] RGB",
+        sample_shape=(CODE_SIZE,),
+        output="image",
+        images=False,
+        input_range=(0.0, 8.0),
+        sources=(
+            Source(
+                name="deepsim-fc6-caffe",
+                provides="deepsim-fc6",
+                format="caffemodel",
+                url="http://s.anhnguyen.me/181007__generator.caffemodel",
+                filename="generator.caffemodel",
+                converter=convert_weights,
+                description="generator.caffemodel (Evolving-AI-Lab/ppgn, noiseless PPGN-h)",
+            ),
+            Source(
+                name="deepsim-fc6-torch",
+                provides="deepsim-fc6",
+                format="torch",
+                url=f"{HF_DEEPSIM}/upconvGAN_fc6.pt",
+                converter=convert_weights,
+                description="PyTorch port (binxu/DeePSim_DosovitskiyBrox2016); equality to "
+                "PPGN's generator unverified",
+            ),
+            Source(
+                name="deepsim-fc6-safetensors",
+                provides="deepsim-fc6",
+                format="safetensors",
+                converter=convert_weights,
+                description="a file written by `advpurify weights convert`",
+            ),
+        ),
+    )
+)

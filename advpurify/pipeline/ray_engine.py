@@ -328,7 +328,9 @@ def _dataset(ray, plan: RunPlan, ray_options: RayOptions, device: str, todo: lis
                 fn_constructor_kwargs={
                     "purifier_class": type(purifier),
                     # Parameters left at None (e.g. DIP's preset-filled ones) stay unset.
-                    "values": {k: v for k, v in purifier.values.items() if v is not None},
+                    "values": {
+                        k: v for k, v in purifier.settings.as_dict().items() if v is not None
+                    },
                     "device": device,
                     "threads": max(1, int(ray_options.cpus_per_worker)),
                 },

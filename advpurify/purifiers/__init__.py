@@ -1,22 +1,51 @@
-"""All purification methods; importing this package registers each of them."""
+"""All purification methods: importing this package registers each of them.
+
+``create_purifier(name, **settings)`` builds one with typed settings (``factor=0.25``, not
+``"0.25"``: strings from the command line are converted in ``advpurify.cli``);
+``list_purifiers()`` names them; ``purifier_class(name)`` gives the class, its ``Settings``
+dataclass and its flags (``stochastic``, ``differentiable``).
+"""
+
+from typing import Any
+
+import torch
 
 from advpurify.purifiers import dip, inpaint, ppgn, transforms  # noqa: F401  (registration)
 from advpurify.purifiers.base import (
-    Param,
+    PURIFIERS,
     ParamError,
     Purifier,
-    create,
-    method_class,
-    method_names,
-    parse_assignments,
+    SettingInfo,
+    Settings,
+    image_seed,
+    setting_fields,
 )
 
+
+def list_purifiers() -> list[str]:
+    """The names of every purification method, sorted."""
+    return sorted(PURIFIERS.names())
+
+
+def purifier_class(name: str) -> type[Purifier]:
+    """The class of method ``name`` (:class:`ParamError` for an unknown one, listing them)."""
+    return PURIFIERS.get(name)
+
+
+def create_purifier(name: str, device: str | torch.device = "cpu", **settings: Any) -> Purifier:
+    """Method ``name`` with typed settings, e.g. ``create_purifier("jpeg", quality=50)``."""
+    return purifier_class(name).from_values(device=device, **settings)
+
+
 __all__ = [
-    "Param",
+    "PURIFIERS",
     "ParamError",
     "Purifier",
-    "create",
-    "method_class",
-    "method_names",
-    "parse_assignments",
+    "SettingInfo",
+    "Settings",
+    "create_purifier",
+    "image_seed",
+    "list_purifiers",
+    "purifier_class",
+    "setting_fields",
 ]

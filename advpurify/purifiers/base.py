@@ -1,64 +1,60 @@
-"""The purifier protocol and the registry every method registers into.
+"""The purifier protocol, typed settings per method, and the registry every method joins.
 
 A purifier maps a float32 ``N x 3 x H x W`` tensor with values in ``[0, 1]`` to a tensor of the
-same shape, on whatever device the input lives on. Stochastic purifiers draw their randomness
-from one seed per image (``seeds``), so an image's output never depends on which other images
-shared its batch: a resumed run, or a run with another batch size, gives identical bytes.
+same shape, on whatever device the input lives on. Each method declares its settings as a frozen
+dataclass (a :class:`Settings` subclass whose fields carry their range with :func:`setting`);
+values are checked when the dataclass is built, so a purifier never holds a bad value.
+
+Stochastic purifiers draw their randomness from one seed per image (``seeds``, required), so an
+image's output never depends on which other images shared its batch: a resumed run, or a run
+with another batch size, gives identical bytes. :func:`image_seed` derives a stable per-image
+seed from a run's seed and the image's relative path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from advpurify.errors import AdvpurifyError
+from advpurify.registry import Registry
 
 
 class ParamError(AdvpurifyError, ValueError):
-    """An unknown method, an unknown parameter or a value out of range."""
+    """An unknown method, an unknown setting or a value out of range."""
+
+
+def setting(
+    default: Any,
+    help: str = "",
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A settings field with its default, a one-line help and its allowed range or choices."""
+    metadata = {"help": help, "min": min, "max": max, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
-class Param:
-    """One typed parameter of a method, with its default and allowed range."""
+class SettingInfo:
+    """One field of a settings class, as the CLI and ``advpurify methods`` show it."""
 
     name: str
     type: type
+    optional: bool
     default: Any
-    help: str = ""
-    min: float | None = None
-    max: float | None = None
-    choices: tuple[str, ...] | None = None
-
-    def parse(self, value: Any) -> Any:
-        """Convert ``value`` (often a string from the command line) and check its range."""
-        try:
-            if self.type is bool and isinstance(value, str):
-                lowered = value.strip().lower()
-                if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
-                    raise ValueError(value)
-                parsed: Any = lowered in {"1", "true", "yes", "on"}
-            elif self.type is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            else:
-                parsed = self.type(value)
-        except (TypeError, ValueError):
-            raise ParamError(
-                f"parameter {self.name}={value!r}: expected {self.type.__name__}"
-            ) from None
-        if self.choices is not None and parsed not in self.choices:
-            raise ParamError(
-                f"parameter {self.name}={parsed!r}: must be one of {', '.join(self.choices)}"
-            )
-        if self.min is not None and parsed < self.min:
-            raise ParamError(f"parameter {self.name}={parsed!r}: must be >= {self.min}")
-        if self.max is not None and parsed > self.max:
-            raise ParamError(f"parameter {self.name}={parsed!r}: must be <= {self.max}")
-        return parsed
+    help: str
+    min: float | None
+    max: float | None
+    choices: tuple[str, ...] | None
 
     def describe_range(self) -> str:
         if self.choices is not None:
@@ -68,29 +64,112 @@ class Param:
         return f"[{low}, {high}]" if (low or high) else ""
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Base of every method's settings: fields are checked (type, finite, range, choices)."""
+
+    def __post_init__(self) -> None:
+        for info in setting_fields(type(self)):
+            value = getattr(self, info.name)
+            checked = _check_value(info, value)
+            if checked is not value:
+                object.__setattr__(self, info.name, checked)
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that involve more than one field's range (override where needed)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def setting_fields(cls: type[Settings]) -> list[SettingInfo]:
+    """The fields of a settings class with their resolved types and ranges."""
+    hints = typing.get_type_hints(cls)
+    infos = []
+    for field in dataclasses.fields(cls):
+        annotation = hints[field.name]
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) == 1 and type(None) in typing.get_args(annotation)
+        base = args[0] if optional else annotation
+        meta = field.metadata
+        infos.append(
+            SettingInfo(
+                name=field.name,
+                type=base,
+                optional=optional,
+                default=field.default,
+                help=meta.get("help", ""),
+                min=meta.get("min"),
+                max=meta.get("max"),
+                choices=meta.get("choices"),
+            )
+        )
+    return infos
+
+
+def _check_value(info: SettingInfo, value: Any) -> Any:
+    where = f"parameter {info.name}={value!r}"
+    if value is None and info.optional:
+        return value
+    kind = info.type
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind in (int, float):
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise ParamError(f"{where}: expected {kind.__name__}, got {type(value).__name__}")
+    if kind in (int, float) and not math.isfinite(value):
+        raise ParamError(f"{where}: must be a finite number")
+    if info.choices is not None and value not in info.choices:
+        raise ParamError(f"{where}: must be one of {', '.join(info.choices)}")
+    if info.min is not None and value < info.min:
+        raise ParamError(f"{where}: must be >= {info.min:g}")
+    if info.max is not None and value > info.max:
+        raise ParamError(f"{where}: must be <= {info.max:g}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class NoSettings(Settings):
+    """For a method without settings."""
+
+
+S = TypeVar("S", bound=Settings)
+
+
 class Purifier:
     """Base class: subclasses set the class attributes and implement :meth:`purify`.
 
-    ``stochastic``: the output depends on a seed. ``differentiable``: autograd through
-    :meth:`purify` gives a useful gradient (attacks use it; otherwise they use BPDA).
+    ``Settings``: the method's settings dataclass. ``stochastic``: the output depends on a seed
+    (callers must pass one seed per image). ``differentiable``: autograd through :meth:`purify`
+    gives a useful gradient (attacks use it; otherwise they use BPDA).
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    params: ClassVar[tuple[Param, ...]] = ()
+    Settings: ClassVar[type[Settings]] = NoSettings
     stochastic: ClassVar[bool] = False
-    differentiable: ClassVar[bool] = False
+    differentiable: bool = False  # a class default; an instance may refine it (its backend)
 
-    def __init__(self, device: str | torch.device = "cpu", **values: Any) -> None:
+    def __init__(self, settings: Settings | None = None, *, device: str | torch.device = "cpu"):
+        settings = self.Settings() if settings is None else settings
+        if type(settings) is not self.Settings:
+            raise TypeError(
+                f"purifier {self.name} takes {self.Settings.__name__}, "
+                f"got {type(settings).__name__}"
+            )
+        self.settings = settings
         self.device = torch.device(device)
-        self.values = parse_params(type(self), values)
 
-    def __getattr__(self, item: str) -> Any:
-        # Parameters read as attributes: ``self.factor`` instead of ``self.values["factor"]``.
-        values = self.__dict__.get("values")
-        if values is not None and item in values:
-            return values[item]
-        raise AttributeError(item)
+    @classmethod
+    def from_values(cls, device: str | torch.device = "cpu", **values: Any) -> Purifier:
+        """The purifier with the given typed setting values (the rest at their defaults)."""
+        return cls(make_settings(cls, values), device=device)
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         raise NotImplementedError
@@ -98,7 +177,11 @@ class Purifier:
     def __call__(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
         check_images(images)
         if seeds is None:
-            seeds = range(images.shape[0])
+            if self.stochastic:
+                raise ValueError(
+                    f"purifier {self.name} is stochastic: pass one seed per image (seeds=...)"
+                )
+            seeds = [0] * images.shape[0]  # unused by a deterministic method
         seeds = [int(s) for s in seeds]
         if len(seeds) != images.shape[0]:
             raise ValueError(f"{len(seeds)} seeds for a batch of {images.shape[0]} images")
@@ -111,12 +194,24 @@ class Purifier:
         return out
 
     def config(self) -> dict[str, Any]:
-        """What identifies this purifier's output: its name and every parameter value."""
-        return {"method": self.name, "params": dict(self.values)}
+        """What identifies this purifier's output: its name and every setting's value."""
+        return {"method": self.name, "params": self.settings.as_dict()}
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.values.items())
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings.as_dict().items())
         return f"{type(self).__name__}({args})"
+
+
+def make_settings(cls: type[Purifier], values: dict[str, Any]) -> Settings:
+    """``cls.Settings(**values)``, refusing unknown names with the method's known settings."""
+    known = [f.name for f in dataclasses.fields(cls.Settings)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        allowed = ", ".join(known) or "none"
+        raise ParamError(
+            f"method {cls.name}: unknown parameter {', '.join(unknown)} (parameters: {allowed})"
+        )
+    return cls.Settings(**values)
 
 
 def check_images(images: torch.Tensor) -> None:
@@ -126,20 +221,6 @@ def check_images(images: torch.Tensor) -> None:
         raise ValueError(f"expected N x 3 x H x W images, got shape {tuple(images.shape)}")
     if images.dtype != torch.float32:
         raise ValueError(f"expected float32 images, got {images.dtype}")
-
-
-def parse_params(cls: type[Purifier], values: Mapping[str, Any]) -> dict[str, Any]:
-    known = {p.name: p for p in cls.params}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        allowed = ", ".join(known) or "none"
-        raise ParamError(
-            f"method {cls.name}: unknown parameter {', '.join(unknown)} (parameters: {allowed})"
-        )
-    parsed = {name: p.default for name, p in known.items()}
-    for name, value in values.items():
-        parsed[name] = known[name].parse(value)
-    return parsed
 
 
 def image_seed(base_seed: int, key: str) -> int:
@@ -159,51 +240,15 @@ def generators(seeds: Iterable[int], device: torch.device) -> list[torch.Generat
     return gens
 
 
-_REGISTRY: dict[str, type[Purifier]] = {}
+PURIFIERS: Registry[type[Purifier]] = Registry("method", error=ParamError)
+"""Every method by name; ``advpurify.purifiers`` imports the modules that fill it."""
+
+P = TypeVar("P", bound=type[Purifier])
 
 
-def register(cls: type[Purifier]) -> type[Purifier]:
-    """Class decorator: make a purifier available by its ``name``."""
+def register(cls: P) -> P:
+    """Class decorator: make a purifier available by its ``name`` (a second one raises)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
-    _REGISTRY[cls.name] = cls
+    PURIFIERS.register(cls.name, cls)
     return cls
-
-
-def _load_builtin() -> None:
-    # Importing the package registers every built-in method.
-    import advpurify.purifiers  # noqa: F401
-
-
-def method_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def method_class(name: str) -> type[Purifier]:
-    _load_builtin()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ParamError(
-            f"unknown method {name!r} (methods: {', '.join(sorted(_REGISTRY))})"
-        ) from None
-
-
-def create(name: str, device: str | torch.device = "cpu", **values: Any) -> Purifier:
-    """Build a purifier by name; parameter values may be strings (from the command line)."""
-    return method_class(name)(device=device, **values)
-
-
-def parse_assignments(items: Iterable[str]) -> dict[str, str]:
-    """``["factor=0.5", "mode=bilinear"]`` -> ``{"factor": "0.5", "mode": "bilinear"}``."""
-    parsed: dict[str, str] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ParamError(f"parameter {item!r}: expected name=value")
-        parsed[name.strip()] = value.strip()
-    return parsed
-
-
-PurifyFn = Callable[[torch.Tensor], torch.Tensor]

@@ -30,7 +30,14 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from advpurify.models.skipnet import SkipConfig, SkipNet
-from advpurify.purifiers.base import Param, ParamError, Purifier, generators, register
+from advpurify.purifiers.base import (
+    ParamError,
+    Purifier,
+    Settings,
+    generators,
+    register,
+    setting,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's denoising configuration (denoising.ipynb of the reference code).
@@ -114,6 +121,50 @@ class DipSettings:
 
     def skip_config(self) -> SkipConfig:
         return SkipConfig.uniform(self.scales, self.channels, self.skip_channels, self.input_depth)
+
+
+@dataclasses.dataclass(frozen=True)
+class DipOptions(Settings):
+    """The purifier's settings: a preset, and the values that override it (None: the preset's)."""
+
+    preset: str = setting(
+        "fast",
+        "fast (2 CPU cores), paper (3000 its, 128 ch) or tiny (adaptive attacks, tests)",
+        choices=tuple(PRESETS),
+    )
+    iterations: int | None = setting(None, "fitting steps (maximum for stop=variance)", min=1)
+    channels: int | None = setting(None, "channels of every down and up block", min=1)
+    skip_channels: int | None = setting(None, "channels of every skip connection", min=0)
+    scales: int | None = setting(
+        None, "number of scales (sides padded to multiples of 2^scales)", min=1, max=8
+    )
+    input_depth: int | None = setting(None, "channels of the noise input z", min=1)
+    lr: float | None = setting(None, "Adam learning rate", min=0.0)
+    reg_noise_std: float | None = setting(
+        None, "std of the noise added to z at every step", min=0.0
+    )
+    ema: float | None = setting(
+        None, "exponential averaging of outputs (0: last output)", min=0.0, max=0.9999
+    )
+    stop: str = setting("fixed", "fixed count, or running variance of outputs", choices=STOP_RULES)
+    window: int = setting(50, "stop=variance: outputs in the running variance", min=2)
+    patience: int = setting(100, "stop=variance: steps without a new minimum", min=1)
+    guard_db: float = setting(
+        5.0,
+        "restore the last good weights when the fit PSNR drops by more than this (0: off)",
+        min=0.0,
+    )
+    parallel: int = setting(0, "networks fitted at once (0: the whole batch)", min=0)
+    conv: str = setting(
+        "auto",
+        "grouped: one grouped conv for all nets; split: one conv per net; "
+        "auto: grouped on CUDA, split on CPU (faster there, and bit-identical to one by one)",
+        choices=CONV_MODES,
+    )
+
+    def resolve(self) -> DipSettings:
+        """The complete fit settings: the preset with this object's values on top."""
+        return DipSettings.from_preset(**self.as_dict())
 
 
 @dataclasses.dataclass
@@ -432,64 +483,10 @@ class DeepImagePrior(Purifier):
         "Deep Image Prior: fit a random skip net to each image and keep its early output "
         "(N images fitted as N networks at once)."
     )
-    params = (
-        Param(
-            "preset",
-            str,
-            "fast",
-            "fast (2 CPU cores), paper (3000 its, 128 ch) or tiny (adaptive attacks, tests)",
-            choices=tuple(PRESETS),
-        ),
-        Param("iterations", int, None, "fitting steps (maximum for stop=variance)", min=1),
-        Param("channels", int, None, "channels of every down and up block", min=1),
-        Param("skip_channels", int, None, "channels of every skip connection", min=0),
-        Param(
-            "scales",
-            int,
-            None,
-            "number of scales (sides padded to multiples of 2^scales)",
-            min=1,
-            max=8,
-        ),
-        Param("input_depth", int, None, "channels of the noise input z", min=1),
-        Param("lr", float, None, "Adam learning rate", min=0.0),
-        Param("reg_noise_std", float, None, "std of the noise added to z at every step", min=0.0),
-        Param(
-            "ema",
-            float,
-            None,
-            "exponential averaging of outputs (0: last output)",
-            min=0.0,
-            max=0.9999,
-        ),
-        Param(
-            "stop", str, "fixed", "fixed count, or running variance of outputs", choices=STOP_RULES
-        ),
-        Param("window", int, 50, "stop=variance: outputs in the running variance", min=2),
-        Param("patience", int, 100, "stop=variance: steps without a new minimum", min=1),
-        Param(
-            "guard_db",
-            float,
-            5.0,
-            "restore the last good weights when the fit PSNR drops by more than this (0: off)",
-            min=0.0,
-        ),
-        Param("parallel", int, 0, "networks fitted at once (0: the whole batch)", min=0),
-        Param(
-            "conv",
-            str,
-            "auto",
-            "grouped: one grouped conv for all nets; split: one conv per net; "
-            "auto: grouped on CUDA, split on CPU (faster there, and bit-identical to one by one)",
-            choices=CONV_MODES,
-        ),
-    )
+    Settings = DipOptions
+    settings: DipOptions
     stochastic = True
     differentiable = False
 
-    def settings(self) -> DipSettings:
-        # Parameters left at None take the preset's value.
-        return DipSettings.from_preset(**self.values)
-
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        return fit(images, seeds, self.settings()).images
+        return fit(images, seeds, self.settings.resolve()).images

@@ -18,6 +18,7 @@ through the generator together (in chunks of ``batch``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from advpurify.models.context_encoder import (
     ContextEncoder,
     load_generator,
 )
-from advpurify.purifiers.base import Param, Purifier, register
+from advpurify.purifiers.base import Purifier, Settings, register, setting
 from advpurify.runtime.installed import CHOICES as BACKEND_CHOICES
 
 HOLE = HOLE_END - HOLE_START  # 56
@@ -82,6 +83,31 @@ def tent(device: torch.device) -> torch.Tensor:
     return line[:, None] * line[None, :]
 
 
+@dataclass(frozen=True)
+class ContextEncoderSettings(Settings):
+    mode: str = setting(
+        "center", "center: the original experiment; tiled: whole image", choices=("center", "tiled")
+    )
+    weights: str = setting(
+        DEFAULT_WEIGHTS,
+        "a checkpoint from `advpurify train context-encoder`, a .safetensors/.t7 file, "
+        "or cached weights",
+    )
+    size: int = setting(
+        128,
+        "shorter image side at which holes are inpainted (350: the released model's scale)",
+        min=HOLE,
+        max=4096,
+    )
+    stride: int = setting(
+        28, "tiled: hole spacing in working pixels (<= 56 covers all)", min=1, max=HOLE
+    )
+    batch: int = setting(256, "most windows per generator call", min=1, max=65536)
+    backend: str = setting(
+        "torch", "where the generator runs (engine backends)", choices=BACKEND_CHOICES
+    )
+
+
 @register
 class ContextEncoderPurifier(Purifier):
     name = "context-encoder"
@@ -89,66 +115,30 @@ class ContextEncoderPurifier(Purifier):
         "Context Encoder inpainting (Pathak et al. 2016): regenerate the centre (center) or "
         "every region of the image from its surroundings (tiled)"
     )
-    params = (
-        Param(
-            "mode",
-            str,
-            "center",
-            "center: the original experiment; tiled: whole image",
-            choices=("center", "tiled"),
-        ),
-        Param(
-            "weights",
-            str,
-            DEFAULT_WEIGHTS,
-            "a checkpoint from `advpurify train context-encoder`, a .safetensors/.t7 file, "
-            "or cached weights",
-        ),
-        Param(
-            "size",
-            int,
-            128,
-            "shorter image side at which holes are inpainted (350: the released model's scale)",
-            min=HOLE,
-            max=4096,
-        ),
-        Param(
-            "stride",
-            int,
-            28,
-            "tiled: hole spacing in working pixels (<= 56 covers all)",
-            min=1,
-            max=HOLE,
-        ),
-        Param("batch", int, 256, "most windows per generator call", min=1, max=65536),
-        Param(
-            "backend",
-            str,
-            "torch",
-            "where the generator runs (engine backends)",
-            choices=BACKEND_CHOICES,
-        ),
-    )
+    Settings = ContextEncoderSettings
+    settings: ContextEncoderSettings
     stochastic = False
     differentiable = True  # on the torch backend: resizes, generator and blending all have grads
 
-    def __init__(self, device: str | torch.device = "cpu", **values: Any) -> None:
-        super().__init__(device=device, **values)
-        self.model = ContextEncoder(load_generator(self.weights)).eval().to(self.device)
+    def __init__(
+        self, settings: ContextEncoderSettings | None = None, *, device: str | torch.device = "cpu"
+    ) -> None:
+        super().__init__(settings, device=device)
+        self.model = ContextEncoder(load_generator(self.settings.weights)).eval().to(self.device)
         self._backend = None
         self._digest: str | None = None
         # Gradients flow through the torch backend only (exported engines are inference-only).
-        self.differentiable = self.backend == "torch"
-        if self.backend != "torch":
+        self.differentiable = self.settings.backend == "torch"
+        if self.settings.backend != "torch":
             from advpurify.runtime.backends import create_backend
 
             self._backend = create_backend(
-                self.backend,
+                self.settings.backend,
                 self.model,
                 device=str(self.device),
                 label="context-encoder",
                 sample_shape=(3, FINE_SIZE, FINE_SIZE),
-                max_batch=self.batch,
+                max_batch=self.settings.batch,
             )
 
     def config(self) -> dict[str, Any]:
@@ -164,7 +154,7 @@ class ContextEncoderPurifier(Purifier):
     def inpaint(self, contexts: torch.Tensor) -> torch.Tensor:
         """``T x 3 x 128 x 128`` contexts -> ``T x 3 x 56 x 56`` inpainted holes, in chunks."""
         outputs = []
-        for chunk in contexts.split(self.batch):
+        for chunk in contexts.split(self.settings.batch):
             if self._backend is not None:
                 centre = self._backend(chunk.contiguous())
             else:
@@ -176,16 +166,16 @@ class ContextEncoderPurifier(Purifier):
 
     # ------------------------------------------------------------------ modes
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        if self.mode == "center":
+        if self.settings.mode == "center":
             return self.purify_center(images)
         return self.purify_tiled(images)
 
     def purify_center(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        h, w, top, left = center_view(height, width, self.size)
+        h, w, top, left = center_view(height, width, self.settings.size)
         view = resize(images, (h, w))[..., top : top + FINE_SIZE, left : left + FINE_SIZE]
         holes = self.inpaint(view)
-        y0, y1, x0, x1 = hole_box(height, width, self.size)
+        y0, y1, x0, x1 = hole_box(height, width, self.settings.size)
         patch = resize(holes, (y1 - y0, x1 - x0)).clamp(0, 1)
         # Out of place, so that autograd sees the paste; pixels outside the box are copied.
         keep = torch.ones_like(images[:1, :1])
@@ -194,11 +184,11 @@ class ContextEncoderPurifier(Purifier):
 
     def purify_tiled(self, images: torch.Tensor) -> torch.Tensor:
         n, _, height, width = images.shape
-        scale = self.size / min(height, width)
+        scale = self.settings.size / min(height, width)
         h, w = max(HOLE, round(height * scale)), max(HOLE, round(width * scale))
         work = resize(images, (h, w))
         padded = F.pad(work, (PAD, FINE_SIZE - HOLE - PAD) * 2, mode="reflect")
-        ys, xs = (grid_starts(h, self.stride), grid_starts(w, self.stride))
+        ys, xs = (grid_starts(h, self.settings.stride), grid_starts(w, self.settings.stride))
         ys, xs = ys.to(images.device), xs.to(images.device)
         window = torch.arange(FINE_SIZE, device=images.device)
         rows = (ys[:, None] + window)[:, None, :, None]  # ny x 1 x 128 x 1

@@ -34,36 +34,43 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from advpurify.purifiers.base import Param, Purifier, generators, register
+from advpurify.purifiers.base import Purifier, Settings, generators, register, setting
 
 CODE_MAX = 30.0  # the PPGN code's clip range: fc6 after ReLU stays within [0, 30]
 # The engine's backends (advpurify.runtime.backends.CHOICES); the sampler loop itself is torch.
 END_BACKENDS = ("torch", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt", "auto")
 
 
+@dataclass(frozen=True)
+class PPGNSettings(Settings):
+    steps: int = setting(200, "sampler iterations", min=0, max=100000)
+    lr: float = setting(0.5, "step size (the step is lr / mean|d_h| per image)", min=0.0)
+    lr_end: float = setting(0.0, "last step size: lr anneals linearly to it", min=0.0)
+    eps1: float = setting(1e-5, "weight of the prior term E(G(h)) - h", min=0.0)
+    data_weight: float = setting(1e-9, "weight of the term keeping G(h) near the input", min=0.0)
+    eps3: float = setting(1e-17, "standard deviation of the noise added to d_h", min=0.0)
+    weights: str = setting(
+        "cached", "cached (the weights cache) or random (tests)", choices=("cached", "random")
+    )
+    backend: str = setting(
+        "torch", "runtime of the feed-forward ends E(x) and G(h_T)", choices=END_BACKENDS
+    )
+
+
 @register
 class PPGNPurifier(Purifier):
     name = "ppgn"
     description = "PPGN-h sampler: DeePSiM generator prior over CaffeNet fc6 codes"
-    params = (
-        Param("steps", int, 200, "sampler iterations", min=0, max=100000),
-        Param("lr", float, 0.5, "step size (the step is lr / mean|d_h| per image)", min=0.0),
-        Param("lr_end", float, 0.0, "last step size: lr anneals linearly to it", min=0.0),
-        Param("eps1", float, 1e-5, "weight of the prior term E(G(h)) - h", min=0.0),
-        Param("data_weight", float, 1e-9, "weight of the term keeping G(h) near the input",
-              min=0.0),
-        Param("eps3", float, 1e-17, "standard deviation of the noise added to d_h", min=0.0),
-        Param("weights", str, "cached", "cached (the weights cache) or random (tests)",
-              choices=("cached", "random")),
-        Param("backend", str, "torch", "runtime of the feed-forward ends E(x) and G(h_T)",
-              choices=END_BACKENDS),
-    )  # fmt: skip
+    Settings = PPGNSettings
+    settings: PPGNSettings
     stochastic = True
     differentiable = False
 
-    def __init__(self, device: str | torch.device = "cpu", **values) -> None:
-        super().__init__(device, **values)
-        if self.weights == "cached":
+    def __init__(
+        self, settings: PPGNSettings | None = None, *, device: str | torch.device = "cpu"
+    ) -> None:
+        super().__init__(settings, device=device)
+        if self.settings.weights == "cached":
             # Fail at construction, before a batch run starts, with the commands to run.
             from advpurify.weights import require
 
@@ -79,7 +86,7 @@ class PPGNPurifier(Purifier):
             from advpurify.models.caffenet import build_encoder
             from advpurify.models.deepsim import build_generator
 
-            weights = "random" if self.weights == "random" else None
+            weights = "random" if self.settings.weights == "random" else None
             generator = build_generator(weights).to(device).requires_grad_(False)
             encoder = build_encoder(weights).to(device).requires_grad_(False)
             self._models[device] = (generator, encoder)
@@ -110,7 +117,8 @@ class PPGNPurifier(Purifier):
 
     def step_size(self, t: int) -> float:
         """Step ``t`` (0-based) of the linear schedule, as the PPGN sampler computes it."""
-        return self.lr + (self.lr_end - self.lr) * t / self.steps
+        lr, lr_end, steps = self.settings.lr, self.settings.lr_end, self.settings.steps
+        return lr + (lr_end - lr) * t / steps
 
     def run_sampler(self, images: torch.Tensor, seeds: Sequence[int]) -> SamplerRun:
         """h_T for [0, 1] RGB ``images``, with the per-step term magnitudes."""
@@ -118,9 +126,9 @@ class PPGNPurifier(Purifier):
         generator, encoder = self.models(device)
         target = encoder.preprocess(images.float())  # 227 x 227, Caffe pixel space
         h = self._feed_forward(device).encode(target).clamp(0.0, CODE_MAX)
-        gens = generators(seeds, device) if self.eps3 > 0 else None
+        gens = generators(seeds, device) if self.settings.eps3 > 0 else None
         prior, data = [], []
-        for t in range(self.steps):
+        for t in range(self.settings.steps):
             h, d_prior, d_data = self._step(h, target, generator, encoder, gens, self.step_size(t))
             # Kept on the device (no per-step host sync); read once at the end.
             prior.append(d_prior.abs().mean(dim=1))
@@ -130,7 +138,7 @@ class PPGNPurifier(Purifier):
             codes=h,
             prior_magnitude=torch.stack(prior).cpu() if prior else empty,
             data_magnitude=torch.stack(data).cpu() if data else empty,
-            step_sizes=[self.step_size(t) for t in range(self.steps)],
+            step_sizes=[self.step_size(t) for t in range(self.settings.steps)],
         )
 
     def _step(self, h, target, generator, encoder, gens, lr: float):
@@ -138,21 +146,22 @@ class PPGNPurifier(Purifier):
         from advpurify.models.deepsim import center_crop
 
         with torch.enable_grad():
-            code = h.detach().requires_grad_(self.data_weight > 0)
+            code = h.detach().requires_grad_(self.settings.data_weight > 0)
             crop = center_crop(generator.caffe(code))
-            if self.data_weight > 0:
+            if self.settings.data_weight > 0:
                 # Summed over the batch: each image's gradient involves only its own code.
                 loss = 0.5 * (crop - target).pow(2).sum()
                 d_data = -torch.autograd.grad(loss, code)[0]
         with torch.no_grad():
-            d_prior = self.eps1 * (encoder.caffe(crop.detach()) - h)
-            d_data = self.data_weight * d_data if self.data_weight > 0 else torch.zeros_like(h)
+            d_prior = self.settings.eps1 * (encoder.caffe(crop.detach()) - h)
+            weight = self.settings.data_weight
+            d_data = weight * d_data if weight > 0 else torch.zeros_like(h)
             d_h = d_prior + d_data
             if gens is not None:
                 noise = torch.stack(
                     [torch.randn(h.shape[1:], generator=g, device=h.device) for g in gens]
                 )
-                d_h = d_h + self.eps3 * noise
+                d_h = d_h + self.settings.eps3 * noise
             scale = d_h.abs().mean(dim=1, keepdim=True)
             step = torch.where(scale > 0, lr / scale.clamp_min(1e-30), torch.zeros_like(scale))
             return (h + step * d_h).clamp(0.0, CODE_MAX), d_prior, d_data
@@ -161,10 +170,10 @@ class PPGNPurifier(Purifier):
         """The one-shot ends E(x) and G(h_T): eager torch, or an engine backend."""
         if device not in self._ends:
             generator, encoder = self.models(device)
-            if self.backend == "torch":
+            if self.settings.backend == "torch":
                 self._ends[device] = _TorchEnds(generator, encoder)
             else:
-                self._ends[device] = _BackendEnds(generator, encoder, self.backend, device)
+                self._ends[device] = _BackendEnds(generator, encoder, self.settings.backend, device)
         return self._ends[device]
 
 

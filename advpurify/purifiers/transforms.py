@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advpurify.purifiers.base import Param, ParamError, Purifier, generators, register
+from advpurify.purifiers.base import ParamError, Purifier, Settings, generators, register, setting
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
 
@@ -38,27 +39,70 @@ def to_bytes(images: torch.Tensor) -> torch.Tensor:
     return _quantized(images).to(torch.uint8)
 
 
+@dataclass(frozen=True)
+class RescaleSettings(Settings):
+    factor: float = setting(0.5, "scale of the intermediate image", min=0.05, max=1.0)
+    mode: str = setting("bilinear", "interpolation", choices=INTERPOLATIONS)
+
+
+@dataclass(frozen=True)
+class JpegSettings(Settings):
+    quality: int = setting(75, "JPEG quality", min=1, max=100)
+
+
+@dataclass(frozen=True)
+class BitDepthSettings(Settings):
+    bits: int = setting(3, "bits per channel", min=1, max=8)
+
+
+@dataclass(frozen=True)
+class MedianSettings(Settings):
+    kernel: int = setting(3, "window side (odd)", min=3, max=15)
+
+    def validate(self) -> None:
+        if self.kernel % 2 == 0:
+            raise ParamError(f"parameter kernel={self.kernel}: must be odd")
+
+
+@dataclass(frozen=True)
+class TotalVariationSettings(Settings):
+    weight: float = setting(0.1, "denoising weight: larger removes more", min=1e-6, max=10.0)
+    eps: float = setting(2e-4, "relative change of the energy that stops a channel", min=0.0)
+    iterations: int = setting(200, "maximum iterations", min=1, max=10000)
+
+
+@dataclass(frozen=True)
+class RandomResizePadSettings(Settings):
+    max_scale: float = setting(
+        331 / 299,
+        "padded canvas size relative to the input (Xie et al.: 331/299)",
+        min=1.0,
+        max=2.0,
+    )
+    mode: str = setting("bilinear", "interpolation", choices=INTERPOLATIONS)
+
+
 @register
 class Rescale(Purifier):
     name = "rescale"
     description = "Shrink by a factor and enlarge back (224 -> 112 -> 224 by default)."
-    params = (
-        Param("factor", float, 0.5, "scale of the intermediate image", min=0.05, max=1.0),
-        Param("mode", str, "bilinear", "interpolation", choices=INTERPOLATIONS),
-    )
+    Settings = RescaleSettings
+    settings: RescaleSettings
     differentiable = True
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         height, width = images.shape[-2:]
-        small = (max(1, round(height * self.factor)), max(1, round(width * self.factor)))
-        return resize(resize(images, small, self.mode), (height, width), self.mode)
+        factor, mode = self.settings.factor, self.settings.mode
+        small = (max(1, round(height * factor)), max(1, round(width * factor)))
+        return resize(resize(images, small, mode), (height, width), mode)
 
 
 @register
 class Jpeg(Purifier):
     name = "jpeg"
     description = "JPEG compression round trip (Guo et al. 2018); nvJPEG on CUDA."
-    params = (Param("quality", int, 75, "JPEG quality", min=1, max=100),)
+    Settings = JpegSettings
+    settings: JpegSettings
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         if images.is_cuda:
@@ -70,7 +114,7 @@ class Jpeg(Purifier):
         planes = to_bytes(images).numpy()
         bgr = np.empty((h, w, 3), dtype=np.uint8)
         decoded = np.empty((n, h, w, 3), dtype=np.uint8)
-        params = [cv2.IMWRITE_JPEG_QUALITY, self.quality]
+        params = [cv2.IMWRITE_JPEG_QUALITY, self.settings.quality]
         for i, (r, g, b) in enumerate(planes):
             cv2.merge([b, g, r], dst=bgr)
             ok, buffer = cv2.imencode(".jpg", bgr, params)
@@ -85,7 +129,7 @@ class Jpeg(Purifier):
             warnings.simplefilter("ignore", DeprecationWarning)
             import torchvision.io
 
-            encoded = torchvision.io.encode_jpeg(list(as_bytes), quality=self.quality)
+            encoded = torchvision.io.encode_jpeg(list(as_bytes), quality=self.settings.quality)
             decoded = torchvision.io.decode_jpeg(
                 [e.cpu() for e in encoded], mode=torchvision.io.ImageReadMode.RGB, device="cuda"
             )
@@ -96,10 +140,11 @@ class Jpeg(Purifier):
 class BitDepth(Purifier):
     name = "bitdepth"
     description = "Reduce every channel to a few bits (feature squeezing, Xu et al. 2018)."
-    params = (Param("bits", int, 3, "bits per channel", min=1, max=8),)
+    Settings = BitDepthSettings
+    settings: BitDepthSettings
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        levels = 2**self.bits - 1
+        levels = 2**self.settings.bits - 1
         return images.clamp(0, 1).mul_(levels).round_().div_(levels)  # one new tensor
 
 
@@ -107,15 +152,11 @@ class BitDepth(Purifier):
 class Median(Purifier):
     name = "median"
     description = "Median filter over a square window (spatial smoothing), reflect-padded."
-    params = (Param("kernel", int, 3, "window side (odd)", min=3, max=15),)
-
-    def __init__(self, device="cpu", **values) -> None:
-        super().__init__(device, **values)
-        if self.kernel % 2 == 0:
-            raise ParamError(f"parameter kernel={self.kernel}: must be odd")
+    Settings = MedianSettings
+    settings: MedianSettings
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        return median_filter(images, self.kernel)
+        return median_filter(images, self.settings.kernel)
 
 
 def median_graph(images: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -156,14 +197,12 @@ def median_filter(images: torch.Tensor, kernel: int) -> torch.Tensor:
 class TotalVariation(Purifier):
     name = "tvm"
     description = "Total-variation minimisation (Chambolle's projection, as scikit-image's)."
-    params = (
-        Param("weight", float, 0.1, "denoising weight: larger removes more", min=1e-6, max=10.0),
-        Param("eps", float, 2e-4, "relative change of the energy that stops a channel", min=0.0),
-        Param("iterations", int, 200, "maximum iterations", min=1, max=10000),
-    )
+    Settings = TotalVariationSettings
+    settings: TotalVariationSettings
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        return tv_chambolle(images, self.weight, self.eps, self.iterations)
+        s = self.settings
+        return tv_chambolle(images, s.weight, s.eps, s.iterations)
 
 
 def tv_chambolle(
@@ -217,35 +256,27 @@ class RandomResizePad(Purifier):
     description = (
         "Random resize and random zero padding (Xie et al. 2018), then back to the input size."
     )
-    params = (
-        Param(
-            "max_scale",
-            float,
-            331 / 299,
-            "padded canvas size relative to the input (Xie et al.: 331/299)",
-            min=1.0,
-            max=2.0,
-        ),
-        Param("mode", str, "bilinear", "interpolation", choices=INTERPOLATIONS),
-    )
+    Settings = RandomResizePadSettings
+    settings: RandomResizePadSettings
     stochastic = True
     differentiable = True
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         height, width = images.shape[-2:]
-        canvas_h, canvas_w = round(height * self.max_scale), round(width * self.max_scale)
+        max_scale, mode = self.settings.max_scale, self.settings.mode
+        canvas_h, canvas_w = round(height * max_scale), round(width * max_scale)
         outputs = []
         # The draws differ per image, so each image is its own small resize; draws come from a
         # CPU generator per seed so the result is the same on every device.
         for image, gen in zip(images, generators(seeds, torch.device("cpu")), strict=True):
-            scale = 1.0 + (self.max_scale - 1.0) * float(torch.rand((), generator=gen))
+            scale = 1.0 + (max_scale - 1.0) * float(torch.rand((), generator=gen))
             new_h = min(canvas_h, max(height, int(height * scale)))
             new_w = min(canvas_w, max(width, int(width * scale)))
             top = int(torch.randint(0, canvas_h - new_h + 1, (), generator=gen))
             left = int(torch.randint(0, canvas_w - new_w + 1, (), generator=gen))
-            resized = resize(image[None], (new_h, new_w), self.mode)
+            resized = resize(image[None], (new_h, new_w), mode)
             padded = F.pad(
                 resized, (left, canvas_w - new_w - left, top, canvas_h - new_h - top), value=0.0
             )
-            outputs.append(resize(padded, (height, width), self.mode))
+            outputs.append(resize(padded, (height, width), mode))
         return torch.cat(outputs)

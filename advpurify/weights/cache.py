@@ -18,6 +18,7 @@ import torch
 from advpurify.files import atomic_output
 from advpurify.paths import cache_home
 from advpurify.weights.registry import WeightsError, group_of, sources_for
+from advpurify.weights.state_dicts import read_safetensors
 
 
 class WeightsNotFound(WeightsError):
@@ -64,15 +65,12 @@ def require(model: str) -> Path:
 
 
 def load_state_dict(model: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+    """The cached weights of ``model`` (:class:`WeightsNotFound` saying how to get them)."""
     path = require(model)
     try:
-        return load_file(str(path), device=str(device))
-    except Exception as error:
-        raise WeightsError(
-            f"{path}: cached weights unreadable ({error}); re-import or fetch {model}"
-        ) from None
+        return read_safetensors(path, device)
+    except WeightsError as error:
+        raise WeightsError(f"{error}; re-import or fetch {model}") from None
 
 
 def save_state_dict(

@@ -21,6 +21,7 @@ from advpurify.files import atomic_output, sha256_file
 from advpurify.weights.caffe import fit_blob, read_caffemodel
 from advpurify.weights.prototxt import Message, read_prototxt
 from advpurify.weights.registry import WeightsError
+from advpurify.weights.state_dicts import read_safetensors
 
 # Old prototxt files name layer types by their V1 enum.
 _V1_NAMES = {
@@ -264,10 +265,8 @@ def load_blobs(path: Path | str) -> dict[str, list[torch.Tensor]]:
     """Layer name -> blobs, from a ``.caffemodel`` or a converted ``.safetensors``."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
         grouped: dict[str, dict[int, torch.Tensor]] = {}
-        for key, tensor in load_file(str(path)).items():
+        for key, tensor in read_safetensors(path).items():
             layer, _, index = key.rpartition(".")
             if not layer or not index.isdigit():
                 raise WeightsError(f"{path}: key {key!r} is not <layer>.<blob index>")

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from advpurify.errors import load_error
 from advpurify.weights.caffe import fit_blob, read_caffemodel
 from advpurify.weights.registry import WeightsError
+from advpurify.weights.state_dicts import read_safetensors, read_state_dict
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -44,24 +44,9 @@ def read_any(path: Path) -> tuple[dict[str, torch.Tensor], set[str]]:
                     legacy.add(key)
         return state, legacy
     if suffix in (".pt", ".pth"):
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise WeightsError(
-                f"{path}: not a readable PyTorch state dict ({load_error(error)})"
-            ) from None
-        if isinstance(loaded, Mapping) and "state_dict" in loaded:
-            loaded = loaded["state_dict"]
-        if not isinstance(loaded, Mapping):
-            raise WeightsError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
-        return {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}, legacy
+        return read_state_dict(path), legacy
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as error:
-            raise WeightsError(f"{path}: not a readable safetensors file ({error})") from None
+        state = read_safetensors(path)
         # Files from `weights convert` use <layer>.<blob index>.
         renamed = {}
         for key, tensor in state.items():

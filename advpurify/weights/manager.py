@@ -16,6 +16,7 @@ from advpurify.weights.registry import (
     model_names,
     sources_for,
 )
+from advpurify.weights.state_dicts import read_safetensors
 
 SUFFIX_FORMATS = {
     ".caffemodel": "caffemodel",
@@ -38,7 +39,7 @@ def file_format(path: Path) -> str:
 
 def _install(source: Source, path: Path) -> Path:
     """Convert (which checks every shape) and only then write the cache entry."""
-    state = source.convert(path)
+    state = (source.converter or read_safetensors)(path)
     metadata = {
         "source": source.name,
         "format": source.format,

@@ -1,27 +1,26 @@
 """Known weight sources: where a model's file comes from and how to check and convert it.
 
 A *model name* (``deepsim-fc6``) is what the cache holds, one ``safetensors`` file each. A
-:class:`Source` is one way to obtain it: a URL with the expected size and checksum (where known)
-and the file's format. Several sources may provide the same model (the original Caffe file and
-a PyTorch port); ``fetch`` tries them in registration order. A *group* (``ppgn``) names the
+:class:`Source` is one way to obtain it: a URL with the expected size and checksum (where known),
+the file's format, and the converter that turns such a file into the model's complete,
+shape-checked state dict. Several sources may provide the same model (the original Caffe file
+and a PyTorch port); ``fetch`` tries them in registration order. A *group* (``ppgn``) names the
 models one method needs, so a user fetches them with one command.
 
-Other modules add their own sources with :func:`register_source` at import time and are listed
-in ``SOURCE_MODULES`` so that ``weights list`` and ``fetch`` see them without importing models;
-the PPGN ones live in :mod:`advpurify.weights.sources`.
+The sources are facts of the models: each model's spec (``advpurify.models``) registers its own
+when its module is imported. This package never imports models.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from advpurify.errors import AdvpurifyError
+from advpurify.registry import Registry
 
 Converter = Callable[[Path], dict[str, torch.Tensor]]
 
@@ -34,10 +33,9 @@ class WeightsError(AdvpurifyError):
 class Source:
     """One way to obtain the weights of model ``provides`` (default: ``name``).
 
-    ``converter`` is ``"package.module:function"``: it reads a file of this source's format and
-    returns the complete, shape-checked state dict (it raises :class:`WeightsError` otherwise),
-    so nothing is ever loaded half-way. It is resolved lazily, so registering a source imports
-    nothing heavy. Without a converter the file must be a ``safetensors`` file already.
+    ``converter(path)`` reads a file of this source's format and returns the complete,
+    shape-checked state dict (it raises :class:`WeightsError` otherwise), so nothing is ever
+    loaded half-way. Without a converter the file must be a ``safetensors`` file already.
     """
 
     name: str
@@ -48,7 +46,7 @@ class Source:
     sha1: str | None = None  # some publishers (the Caffe model zoo) give only SHA-1
     filename: str | None = None
     provides: str | None = None
-    converter: str | None = None
+    converter: Converter | None = None
     description: str = ""
 
     @property
@@ -63,31 +61,24 @@ class Source:
             return self.url.rstrip("/").rsplit("/", 1)[-1]
         return f"{self.name}.{self.format}"
 
-    def convert(self, path: Path) -> dict[str, torch.Tensor]:
-        return resolve_converter(self.converter)(path)
 
-
-_SOURCES: dict[str, Source] = {}
-_GROUPS: dict[str, tuple[str, ...]] = {}
+SOURCES: Registry[Source] = Registry("weight source", error=WeightsError)
+GROUPS: Registry[tuple[str, ...]] = Registry("weights group", error=WeightsError)
 _DESCRIPTIONS: dict[str, str] = {}
-_builtin_loaded = False
 
 
-def register_source(source: Source, *, replace: bool = False) -> Source:
-    """Add a source; a second source with the same name is an error unless ``replace``."""
-    if not replace and source.name in _SOURCES and _SOURCES[source.name] != source:
-        raise ValueError(f"weight source {source.name!r} is already registered")
-    _SOURCES[source.name] = source
-    return source
+def register_source(source: Source) -> Source:
+    """Add a source; a second source with the same name raises."""
+    return SOURCES.register(source.name, source)
 
 
 def unregister_source(name: str) -> None:
-    _SOURCES.pop(name, None)
+    SOURCES.unregister(name)
 
 
 def register_group(name: str, models: tuple[str, ...], description: str = "") -> None:
     """``fetch NAME`` / ``import NAME FILE`` on a group act on each of its models."""
-    _GROUPS[name] = tuple(models)
+    GROUPS.register(name, tuple(models))
     if description:
         _DESCRIPTIONS[name] = description
 
@@ -96,25 +87,8 @@ def describe_model(name: str, description: str) -> None:
     _DESCRIPTIONS[name] = description
 
 
-# Modules that register sources when imported; `weights list` shows all of them.
-SOURCE_MODULES = ("advpurify.weights.sources", "advpurify.models.context_encoder")
-
-
-def _load_builtin() -> None:
-    global _builtin_loaded
-    if not _builtin_loaded:
-        _builtin_loaded = True
-        for module in SOURCE_MODULES:
-            try:
-                importlib.import_module(module)
-            except ModuleNotFoundError as error:
-                if error.name != module:  # a real missing dependency, not an absent module
-                    raise
-
-
 def sources() -> list[Source]:
-    _load_builtin()
-    return list(_SOURCES.values())
+    return SOURCES.values()
 
 
 def sources_for(model: str) -> list[Source]:
@@ -127,12 +101,10 @@ def model_names() -> list[str]:
 
 
 def groups() -> dict[str, tuple[str, ...]]:
-    _load_builtin()
-    return dict(_GROUPS)
+    return {name: GROUPS.get(name) for name in GROUPS}
 
 
 def description(name: str) -> str:
-    _load_builtin()
     return _DESCRIPTIONS.get(name, "")
 
 
@@ -152,20 +124,3 @@ def expand(name: str) -> tuple[str, ...]:
         return (name,)
     known = sorted(set(all_groups) | set(model_names()))
     raise WeightsError(f"unknown weights {name!r} (known: {', '.join(known)})")
-
-
-def resolve_converter(spec: str | None) -> Converter:
-    if spec is None:
-        return _load_safetensors
-    module_name, _, attr = spec.partition(":")
-    func: Any = getattr(importlib.import_module(module_name), attr)
-    return func
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as error:  # safetensors raises several types for a bad header
-        raise WeightsError(f"{path}: not a readable safetensors file ({error})") from None
