@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from advpurify.cli import batch, evaluate, export, train, weights
+from advpurify.cli import batch, evaluate, export, serve, train, weights
 from advpurify.cli.errors import wrap_commands
 from advpurify.errors import AdvpurifyError
 
@@ -17,7 +17,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for module in (batch, evaluate, export, weights, train):
+for module in (batch, evaluate, export, serve, weights, train):
     module.register(app)
 wrap_commands(app)
 
