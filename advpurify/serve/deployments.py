@@ -9,7 +9,6 @@ shown by ``GET /stats``.
 This module imports Ray at the top: it is imported only when a server starts (``app``).
 """
 
-
 import asyncio
 import json
 import os
