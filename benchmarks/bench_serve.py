@@ -4,7 +4,9 @@ A real local Ray Serve runs ``rescale`` + ``efficientnet-lite0``; ``--clients`` 
 send ``--requests`` requests (``POST /classify`` by default: decode, purify, classify) cycling
 through the sample images, and the run stops by itself. The baseline does the same work for
 the same images in this process, one image at a time, with the same classifier backend
-(decode, purify, classify). Baseline and load test alternate ``--rounds`` times; medians.
+(decode, purify, classify), timed with 1 thread (as each replica runs) and with all of
+torch's threads; the faster is the reference. Baseline and load test alternate ``--rounds``
+times; medians.
 
     .venv/bin/python benchmarks/bench_serve.py [--clients 8] [--requests 50] [--route classify]
 """
@@ -26,7 +28,7 @@ from advpurify.images import encode_image, find_images
 from advpurify.paths import shared_data_dir
 from advpurify.serve import app
 from advpurify.serve.config import ServeConfig
-from advpurify.serve.requests import read_image, top5
+from advpurify.serve.protocol import read_image, top5
 from advpurify.serve.stage import classifier_for, logits, purifier_for, purify
 
 
@@ -63,8 +65,11 @@ def load_test(url: str, bodies: list[bytes], clients: int, requests: int) -> dic
     }
 
 
-def in_process(config: ServeConfig, bodies: list[bytes], route: str, count: int) -> float:
+def in_process(
+    config: ServeConfig, bodies: list[bytes], route: str, count: int, threads: int
+) -> float:
     """Images/s of the same work called directly: decode, purify (and classify)."""
+    torch.set_num_threads(threads)  # before the ORT session is made: it takes torch's count
     purifier = purifier_for(config.method, config.params, config.device)
     classifier = None
     if route == "classify":
@@ -110,21 +115,29 @@ def main() -> None:
         replicas=args.replicas,
     ).checked()
     total = args.clients * args.requests
-    served, direct = [], []
+    # Each replica runs 1 thread (Ray sets OMP_NUM_THREADS to its one CPU); the baseline is
+    # timed with 1 thread and with all of torch's, and the faster one is the reference.
+    thread_counts = sorted({1, torch.get_num_threads()})
+    served: list[dict[str, float]] = []
+    direct: dict[int, list[float]] = {t: [] for t in thread_counts}
     with app.running(config) as url:
         route = f"{url}/{args.route}"
         load_test(route, bodies[:4], 2, 2)  # warm-up: first batches, ONNX sessions
-        in_process(config, bodies, args.route, 4)
+        in_process(config, bodies, args.route, 4, thread_counts[-1])
         for _ in range(args.rounds):
-            direct.append(in_process(config, bodies, args.route, min(total, 100)))
+            for threads in thread_counts:
+                direct[threads].append(
+                    in_process(config, bodies, args.route, min(total, 100), threads)
+                )
             served.append(load_test(route, bodies, args.clients, args.requests))
         with urllib.request.urlopen(f"{url}/stats", timeout=60) as response:
             stats = response.read().decode()
     figure = {key: statistics.median(r[key] for r in served) for key in served[0]}
-    baseline = statistics.median(direct)
+    baselines = {t: statistics.median(v) for t, v in direct.items()}
+    baseline = max(baselines.values())
     print(
         f"{args.route}: rescale + efficientnet-lite0 (backend {args.backend}, device "
-        f"{args.device}, {torch.get_num_threads()} torch threads here), {len(bodies)} images"
+        f"{args.device}), {len(bodies)} images"
         + (f" as {args.crop}x{args.crop} PNG crops" if args.crop else "")
     )
     print(
@@ -135,8 +148,11 @@ def main() -> None:
         f"  p50 {figure['p50_ms']:.1f} ms  p95 {figure['p95_ms']:.1f} ms  "
         f"{figure['requests_per_s']:.1f} requests/s"
     )
-    print(f"in-process library, one image at a time: {baseline:.1f} images/s")
-    print(f"ratio served / in-process throughput: {figure['requests_per_s'] / baseline:.2f}x")
+    for threads, rate in baselines.items():
+        print(f"in-process library, one image at a time, {threads} thread(s): {rate:.1f} images/s")
+    print(
+        f"ratio served / faster in-process throughput: {figure['requests_per_s'] / baseline:.2f}x"
+    )
     print(f"batch sizes seen by the deployments: {stats}")
 
 

@@ -25,7 +25,7 @@ from advpurify.models.classifiers import load_classifier
 from advpurify.purifiers import create
 from advpurify.serve import app as serve_app
 from advpurify.serve.config import ServeConfig
-from advpurify.serve.requests import (
+from advpurify.serve.protocol import (
     RequestError,
     check_length,
     image_header,

@@ -2,7 +2,7 @@
 
 - ``config``: what a server runs (method, parameters, classifier, limits, batching, replicas).
 - ``stage``: the one place that builds the purifier and classifier a deployment calls.
-- ``requests``: HTTP request checks (size, pixels, decoding, parameters, seeds) and answers.
+- ``protocol``: HTTP request checks (size, pixels, decoding, parameters, seeds) and answers.
 - ``deployments``: the Ray Serve deployments (purifier ingress, classifier), batched.
 - ``app``: start Ray and Serve, run the application, stop them again.
 

@@ -24,7 +24,7 @@ from ray import serve
 from advpurify.errors import AdvpurifyError
 from advpurify.images import encode_image
 from advpurify.serve.config import ServeConfig
-from advpurify.serve.requests import (
+from advpurify.serve.protocol import (
     BodyLimit,
     RequestError,
     check_length,
