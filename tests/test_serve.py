@@ -26,6 +26,7 @@ from advpurify.purifiers import create
 from advpurify.serve import app as serve_app
 from advpurify.serve.config import ServeConfig
 from advpurify.serve.protocol import (
+    BodyLimit,
     RequestError,
     check_length,
     image_header,
@@ -106,6 +107,28 @@ def test_length_params_and_seed():
         seed_for(b"abc", {"seed": "x"})
 
 
+def test_streamed_body_refused_once_over_the_limit():
+    body = BodyLimit(10)
+    body.add(b"12345")
+    body.add(b"67890")
+    with pytest.raises(RequestError) as caught:
+        body.add(b"x")
+    assert caught.value.status == 413 and body.body() == b"1234567890"
+
+
+def test_replicas_share_the_gpus(monkeypatch):
+    config = ServeConfig("rescale", classifier="googlenet", replicas=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert serve_app.actor_options(config, 2) == {"num_cpus": 1}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert serve_app.actor_options(config, 2) == {"num_cpus": 1, "num_gpus": 0.25}
+    one = ServeConfig("rescale", replicas=1)
+    assert serve_app.actor_options(one, 1) == {"num_cpus": 1, "num_gpus": 1.0}
+    cpu = ServeConfig("rescale", device="cpu")
+    assert serve_app.actor_options(cpu, 1) == {"num_cpus": 1}
+
+
 def test_top5_names_classes():
     logits = torch.zeros(1000)
     logits[[1, 7, 9, 3, 2]] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
@@ -122,6 +145,15 @@ def test_serve_without_ray_names_the_extra(monkeypatch):
     )
     with pytest.raises(AdvpurifyError, match=r"advpurify\[ray\]"):
         serve_app.require_ray()
+    from typer.testing import CliRunner
+
+    from advpurify.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--method", "rescale"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: advpurify serve needs Ray Serve, not installed: pip install 'advpurify[ray]'"
+    ]
 
 
 def test_config_checked_before_ray_starts():
