@@ -22,7 +22,7 @@ import torch
 from advpurify.errors import AdvpurifyError
 from advpurify.images import encode_image, load_image
 from advpurify.models.classifiers import load_classifier
-from advpurify.purifiers import create
+from advpurify.purifiers import create_purifier
 from advpurify.serve import app as serve_app
 from advpurify.serve.config import ServeConfig
 from advpurify.serve.protocol import (
@@ -97,6 +97,8 @@ def test_length_params_and_seed():
         request_params("rescale", {}, {"foo": "1"})
     with pytest.raises(RequestError, match="factor"):
         request_params("rescale", {}, {"factor": "7"})
+    with pytest.raises(RequestError, match="expected float"):
+        request_params("rescale", {}, {"factor": "big"})
     assert request_params("rescale", {"factor": 0.5}, {"factor": "0.25", "seed": "3"}) == {
         "factor": 0.25,
         "mode": "bilinear",
@@ -158,7 +160,13 @@ def test_serve_without_ray_names_the_extra(monkeypatch):
 
 def test_config_checked_before_ray_starts():
     with pytest.raises(AdvpurifyError, match="unknown parameter"):
-        ServeConfig("rescale", {"x": "1"}).checked()
+        ServeConfig("rescale", {"x": 1}).checked()
+    with pytest.raises(AdvpurifyError, match="factor"):
+        ServeConfig("rescale", {"factor": 5.0}).checked()
+    assert ServeConfig("rescale", {"factor": 0.25}).checked().params == {
+        "factor": 0.25,
+        "mode": "bilinear",
+    }
     with pytest.raises(AdvpurifyError, match="--max-batch"):
         ServeConfig("rescale", max_batch=0).checked()
 
@@ -206,7 +214,7 @@ def server(request) -> dict:
 def library():
     """The library's own answers: the same purifier and classifier, called in-process."""
     return {
-        "purifier": create("randpad"),
+        "purifier": create_purifier("randpad"),
         "classifier": load_classifier("efficientnet-lite0", backend="torch", device="cpu"),
     }
 

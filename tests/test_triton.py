@@ -19,7 +19,7 @@ from advpurify.cli import app
 from advpurify.export.fused import NotExportableError
 from advpurify.export.triton import write_triton_repo
 from advpurify.models.registry import register_exportable
-from advpurify.purifiers import create
+from advpurify.purifiers import create_purifier
 
 model_config_pb2 = pytest.importorskip(
     "tritonclient.grpc.model_config_pb2", reason="tritonclient is not installed"
@@ -71,7 +71,7 @@ def images(count: int = 3) -> torch.Tensor:
 
 def test_fused_repository(tmp_path):
     result = write_triton_repo(
-        tmp_path, "rescale", "test-tiny", params={"factor": "0.25"}, size=SIZE, max_batch=16,
+        tmp_path, "rescale", "test-tiny", params={"factor": 0.25}, size=SIZE, max_batch=16,
         batch_wait_ms=2.5, check_count=4,
     )  # fmt: skip
     name = result.model
@@ -91,13 +91,13 @@ def test_fused_repository(tmp_path):
     assert (graph.input[0].name, graph.output[0].name) == (given.name, produced.name)
     x = images()
     with torch.inference_mode():
-        expected = TinyClassifier()(create("rescale", factor=0.25)(x))
+        expected = TinyClassifier()(create_purifier("rescale", factor=0.25)(x))
     torch.testing.assert_close(run_onnx(onnx_file, x), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_ensemble_repository(tmp_path):
     result = write_triton_repo(
-        tmp_path, "median", "test-tiny", params={"kernel": "5"}, size=SIZE, layout="ensemble",
+        tmp_path, "median", "test-tiny", params={"kernel": 5}, size=SIZE, layout="ensemble",
         check_count=4,
     )  # fmt: skip
     name = result.model
@@ -118,7 +118,7 @@ def test_ensemble_repository(tmp_path):
     assert list(ensemble.output[0].dims) == [1000]
     x = images()
     purified = run_onnx(tmp_path / purifier_name / "1" / "model.onnx", x)
-    torch.testing.assert_close(purified, create("median", kernel=5)(x))
+    torch.testing.assert_close(purified, create_purifier("median", kernel=5)(x))
     logits = run_onnx(tmp_path / classifier_name / "1" / "model.onnx", purified)
     with torch.inference_mode():
         torch.testing.assert_close(logits, TinyClassifier()(purified), atol=1e-4, rtol=1e-4)

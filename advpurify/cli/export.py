@@ -96,7 +96,7 @@ def export_command(
             triton_repo,
             purifier,
             classifier or model,
-            params=parse_assignments(param),
+            params=param,
             weights=weights,
             size=size,
             layout=triton_layout,
@@ -145,10 +145,12 @@ def export_command(
 def _triton(
     repo: Path, purifier: str | None, classifier: str | None, *, fixed_batch, output, **options
 ) -> None:
+    from advpurify.cli.settings import parse_params
     from advpurify.export.triton import write_triton_repo
 
     if purifier is None or classifier is None:
         raise AdvpurifyError("--triton-repo needs --purifier METHOD and --classifier MODEL")
+    options["params"] = parse_params(purifier, options["params"])
     if fixed_batch is not None or output is not None:
         raise AdvpurifyError(
             "--triton-repo writes its own files with a dynamic batch: drop --output and --batch"

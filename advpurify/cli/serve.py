@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from advpurify.purifiers.base import parse_assignments
+from advpurify.cli.settings import parse_params
 from advpurify.serve.app import require_ray, serve_forever
 from advpurify.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PIXELS, ServeConfig
 
@@ -37,7 +37,7 @@ def serve_command(
     require_ray()  # before anything else: one line naming the extra
     config = ServeConfig(
         method=method,
-        params=parse_assignments(param),
+        params=parse_params(method, param),
         classifier=classifier,
         backend=backend,
         weights=weights,

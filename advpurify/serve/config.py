@@ -6,7 +6,8 @@ import dataclasses
 from typing import Any
 
 from advpurify.errors import AdvpurifyError
-from advpurify.purifiers.base import method_class, parse_params
+from advpurify.purifiers import purifier_class
+from advpurify.purifiers.base import make_settings
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # a 24-bit 4096x4096 BMP fits; larger is refused
 DEFAULT_MAX_PIXELS = 4096 * 4096  # one float32 RGB image of this size is 200 MB
@@ -14,7 +15,10 @@ DEFAULT_MAX_PIXELS = 4096 * 4096  # one float32 RGB image of this size is 200 MB
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
-    """Everything a server needs; checked once, before Ray starts (:meth:`checked`)."""
+    """Everything a server needs; checked once, before Ray starts (:meth:`checked`).
+
+    ``params``: the method's typed settings (``{"factor": 0.25}``), as the library takes them.
+    """
 
     method: str
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -33,7 +37,7 @@ class ServeConfig:
 
     def checked(self) -> ServeConfig:
         """The same config with parameters parsed and every value checked (one-line errors)."""
-        params = parse_params(method_class(self.method), self.params)
+        params = make_settings(purifier_class(self.method), dict(self.params)).as_dict()
         if self.max_batch < 1:
             raise AdvpurifyError(f"--max-batch {self.max_batch}: must be at least 1")
         if not 0 <= self.batch_wait_ms <= 10_000:
@@ -49,4 +53,4 @@ class ServeConfig:
 
     @property
     def stochastic(self) -> bool:
-        return method_class(self.method).stochastic
+        return purifier_class(self.method).stochastic

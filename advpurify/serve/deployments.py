@@ -180,7 +180,7 @@ class PurifierDeployment:
     def _headers(self, purifier: Any, seed: int, seconds: float) -> dict[str, str]:
         headers = {
             "X-Advpurify-Method": purifier.name,
-            "X-Advpurify-Parameters": json.dumps(purifier.values, sort_keys=True),
+            "X-Advpurify-Parameters": json.dumps(purifier.settings.as_dict(), sort_keys=True),
             "X-Advpurify-Seconds": f"{seconds:.6f}",
         }
         if purifier.stochastic:
@@ -213,7 +213,7 @@ class PurifierDeployment:
         answers = await asyncio.gather(*calls)
         body: dict[str, Any] = {
             "method": purifier.name,
-            "parameters": purifier.values,
+            "parameters": purifier.settings.as_dict(),
             "purified": answers[0],
         }
         if purifier.stochastic:
@@ -227,7 +227,7 @@ class PurifierDeployment:
         body: dict[str, Any] = {
             "status": "ok",
             "method": self.config.method,
-            "parameters": self.default.values,
+            "parameters": self.default.settings.as_dict(),
             "device": str(self.default.device),
         }
         if self.classifier is not None:

@@ -18,7 +18,14 @@ from PIL import Image, UnidentifiedImageError
 
 from advpurify.images import ImageDecodeError, decode_image
 from advpurify.models.imagenet import class_names, wnids
-from advpurify.purifiers.base import ParamError, method_class, method_names, parse_params
+from advpurify.purifiers import (
+    ParamError,
+    SettingInfo,
+    list_purifiers,
+    purifier_class,
+    setting_fields,
+)
+from advpurify.purifiers.base import make_settings
 
 # Query parameters that are not method parameters.
 RESERVED = frozenset({"seed", "compare"})
@@ -114,13 +121,34 @@ def seed_for(body: bytes, query: Mapping[str, str]) -> int:
     return seed
 
 
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _query_value(info: SettingInfo, text: str) -> Any:
+    # Query strings are text; the library takes typed settings (as the CLI converts -p values).
+    text = text.strip()
+    if info.optional and text.lower() == "none":
+        return None
+    if info.type is bool:
+        if text.lower() not in _TRUE | _FALSE:
+            raise ParamError(f"parameter {info.name}={text!r}: expected bool")
+        return text.lower() in _TRUE
+    try:
+        return info.type(text)
+    except (TypeError, ValueError):
+        raise ParamError(f"parameter {info.name}={text!r}: expected {info.type.__name__}") from None
+
+
 def request_params(
     method: str, defaults: Mapping[str, Any], query: Mapping[str, str]
 ) -> dict[str, Any]:
-    """The server's parameters with the query's method parameters on top, checked."""
+    """The server's typed settings with the query's method parameters on top, checked."""
+    cls = purifier_class(method)
+    fields = {info.name: info for info in setting_fields(cls.Settings)}
     overrides = {k: v for k, v in query.items() if k not in RESERVED}
     try:
-        return parse_params(method_class(method), {**defaults, **overrides})
+        typed = {k: _query_value(fields[k], v) if k in fields else v for k, v in overrides.items()}
+        return make_settings(cls, {**defaults, **typed}).as_dict()
     except ParamError as error:
         raise RequestError(400, str(error)) from None
 
@@ -150,8 +178,8 @@ def top5(logits: torch.Tensor) -> list[dict[str, Any]]:
 def methods_json() -> list[dict[str, Any]]:
     """Every method with its parameters (``GET /methods``)."""
     out = []
-    for name in method_names():
-        cls = method_class(name)
+    for name in list_purifiers():
+        cls = purifier_class(name)
         out.append(
             {
                 "method": name,
@@ -165,7 +193,7 @@ def methods_json() -> list[dict[str, Any]]:
                         "range": p.describe_range(),
                         "help": p.help,
                     }
-                    for p in cls.params
+                    for p in setting_fields(cls.Settings)
                 ],
             }
         )

@@ -14,12 +14,12 @@ import torch
 
 from advpurify.devices import resolve_device
 from advpurify.models.classifiers import LoadedClassifier, load_classifier
-from advpurify.purifiers.base import Purifier, create
+from advpurify.purifiers import Purifier, create_purifier
 
 
 def purifier_for(method: str, params: Mapping[str, Any], device: str) -> Purifier:
-    """The purifier ``method`` with ``params`` on ``device`` (``auto``: a GPU when present)."""
-    return create(method, device=resolve_device(device), **dict(params))
+    """The purifier ``method`` with typed ``params`` on ``device`` (``auto``: a GPU if any)."""
+    return create_purifier(method, device=resolve_device(device), **dict(params))
 
 
 def classifier_for(
