@@ -243,6 +243,19 @@ def library_top5(library, image: torch.Tensor):
         return top5(library["classifier"].module(image[None])[0])
 
 
+def test_stage_is_defended_classifier(library, sample_paths):
+    """What the two deployments call, composed, is ``DefendedClassifier``'s forward pass."""
+    from advpurify import DefendedClassifier
+    from advpurify.serve.stage import logits, purify
+
+    purifier = create_purifier("rescale", factor=0.25)
+    image = load_image(sample_paths[6])[None]
+    served = logits(library["classifier"], list(purify(purifier, image, [0])))
+    with torch.inference_mode():
+        expected = DefendedClassifier(purifier, library["classifier"].module)(image)
+    torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_purify_bytes_equal_library(server, library, sample_paths):
     path = sample_paths[2]
     status, headers, body = post(server["url"] + "/purify?seed=1234", path.read_bytes())
