@@ -190,6 +190,8 @@ CONFIG = dict(
     batch_wait_ms=100.0,  # generous: batching must be seen on a loaded 2-core machine
     max_body_bytes=2 * 2**20,
     max_pixels=2000 * 2000,
+    # A session's Ray may be shared (ray_local): leave CPUs to Ray Data tests running beside.
+    cpus_per_replica=0.25,
 )
 
 

@@ -27,8 +27,8 @@ def require_ray() -> None:
 
 
 def actor_options(config: ServeConfig, deployments: int) -> dict[str, Any]:
-    """One CPU per replica; GPUs shared evenly between all replicas when the device is CUDA."""
-    options: dict[str, Any] = {"num_cpus": 1}
+    """CPUs per replica as configured; GPUs shared evenly between replicas on CUDA."""
+    options: dict[str, Any] = {"num_cpus": config.cpus_per_replica}
     if resolve_device(config.device).type == "cuda":
         total = config.replicas * deployments
         options["num_gpus"] = min(1.0, torch.cuda.device_count() / total)

@@ -31,6 +31,7 @@ class ServeConfig:
     max_batch: int = 32
     batch_wait_ms: float = 5.0
     replicas: int = 1
+    cpus_per_replica: float = 1.0  # Ray's scheduling share; less on a Ray shared with other work
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     metrics_port: int | None = 8080
@@ -42,6 +43,8 @@ class ServeConfig:
             raise AdvpurifyError(f"--max-batch {self.max_batch}: must be at least 1")
         if not 0 <= self.batch_wait_ms <= 10_000:
             raise AdvpurifyError(f"--batch-wait-ms {self.batch_wait_ms:g}: must be in 0..10000")
+        if not 0 < self.cpus_per_replica <= 64:
+            raise AdvpurifyError(f"cpus per replica {self.cpus_per_replica:g}: must be in (0, 64]")
         if self.replicas < 1:
             raise AdvpurifyError(f"--replicas {self.replicas}: must be at least 1")
         for option, port in (("--port", self.port), ("--metrics-port", self.metrics_port)):
