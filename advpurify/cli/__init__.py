@@ -11,7 +11,7 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer, on click itself
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
-from advpurify.cli import batch, evaluate, export, train, weights
+from advpurify.cli import batch, evaluate, export, serve, train, weights
 from advpurify.cli.errors import describe, wrap_commands
 from advpurify.errors import AdvpurifyError
 
@@ -22,7 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-for module in (batch, evaluate, export, weights, train):
+for module in (batch, evaluate, export, serve, weights, train):
     module.register(app)
 wrap_commands(app)
 

@@ -82,6 +82,14 @@ def export_command(
     ),
     check_count: int = typer.Option(16, min=1, help="How many inputs the parity check uses."),
     list_models: bool = typer.Option(False, "--list", help="List what can be exported."),
+    triton_repo: Path | None = typer.Option(
+        None, help="Write a Triton model repository here (with --purifier and --classifier)."
+    ),
+    triton_layout: str = typer.Option(
+        "fused", help="fused (one ONNX graph) or ensemble (purifier + classifier models)."
+    ),
+    triton_max_batch: int = typer.Option(32, help="Triton's max_batch_size."),
+    triton_batch_wait_ms: float = typer.Option(5.0, help="Triton's dynamic batching delay (ms)."),
 ) -> None:
     """Export a network (preprocessing inside, [0, 1] RGB in) to ONNX or a TensorRT engine.
 
@@ -93,6 +101,25 @@ def export_command(
 
     if list_models:
         _list_exportable()
+        return
+    if triton_repo is not None:
+        _triton(
+            triton_repo,
+            purifier,
+            classifier or model,
+            params=param,
+            weights=weights,
+            size=size,
+            layout=triton_layout,
+            max_batch=triton_max_batch,
+            batch_wait_ms=triton_batch_wait_ms,
+            opset=opset,
+            fp16=fp16,
+            fixed_batch=_parse_batch(batch),
+            output=output,
+            check_images=check_images,
+            check_count=check_count,
+        )
         return
     if output is None:
         raise AdvpurifyError("--output/-o FILE.onnx (or FILE.engine) is required")
@@ -123,6 +150,24 @@ def export_command(
         if param or classifier:
             raise AdvpurifyError("--param and --classifier go with --purifier")
         result = export_model(model, output, **common)
+    for line in result.lines():
+        print(line)
+
+
+def _triton(
+    repo: Path, purifier: str | None, classifier: str | None, *, fixed_batch, output, **options
+) -> None:
+    from advpurify.cli.settings import parse_params
+    from advpurify.export.triton import write_triton_repo
+
+    if purifier is None or classifier is None:
+        raise AdvpurifyError("--triton-repo needs --purifier METHOD and --classifier MODEL")
+    options["params"] = parse_params(purifier, options["params"])
+    if fixed_batch is not None or output is not None:
+        raise AdvpurifyError(
+            "--triton-repo writes its own files with a dynamic batch: drop --output and --batch"
+        )
+    result = write_triton_repo(repo, purifier, classifier, notify=_note, **options)
     for line in result.lines():
         print(line)
 
