@@ -6,7 +6,6 @@ squeezing), tvm (total-variation minimisation) and randpad (Xie et al. 2018).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,40 +99,34 @@ class Rescale(Purifier):
 @register
 class Jpeg(Purifier):
     name = "jpeg"
-    description = "JPEG compression round trip (Guo et al. 2018); nvJPEG on CUDA."
+    description = "JPEG compression round trip (Guo et al. 2018), libjpeg 4:2:0 on every device."
     Settings = JpegSettings
     settings: JpegSettings
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        if images.is_cuda:
-            return self._nvjpeg(to_bytes(images)).to(images.dtype).div(255)
-        # libjpeg-turbo through OpenCV. The 8-bit planes are interleaved in OpenCV's BGR order
-        # by cv2.merge and decoded straight to RGB into one buffer: no float round trips or
-        # strided float copies around the codec (they cost more than the codec did).
-        n, _, h, w = images.shape
-        planes = to_bytes(images).numpy()
+        # One codec for every device: nvJPEG encodes 4:4:4 chroma where libjpeg (OpenCV) uses
+        # 4:2:0, so a GPU run would be a weaker defence than a CPU run of the same command.
+        # Only the 8-bit planes cross to the host and back (1 byte per value).
+        decoded = self._libjpeg(to_bytes(images).cpu())
+        return decoded.to(images.device).permute(0, 3, 1, 2).to(images.dtype).div_(255)
+
+    def _libjpeg(self, planes: torch.Tensor) -> torch.Tensor:
+        """``N x 3 x H x W`` uint8 RGB -> ``N x H x W x 3`` uint8 RGB after a JPEG round trip.
+
+        libjpeg-turbo through OpenCV. The planes are interleaved in OpenCV's BGR order by
+        cv2.merge and decoded straight to RGB into one buffer: no float round trips or strided
+        float copies around the codec (they cost more than the codec did)."""
+        n, _, h, w = planes.shape
         bgr = np.empty((h, w, 3), dtype=np.uint8)
         decoded = np.empty((n, h, w, 3), dtype=np.uint8)
         params = [cv2.IMWRITE_JPEG_QUALITY, self.settings.quality]
-        for i, (r, g, b) in enumerate(planes):
+        for i, (r, g, b) in enumerate(planes.numpy()):
             cv2.merge([b, g, r], dst=bgr)
             ok, buffer = cv2.imencode(".jpg", bgr, params)
             if not ok:
                 raise RuntimeError("JPEG encoding failed")
             decoded[i] = cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB)
-        return torch.from_numpy(decoded).permute(0, 3, 1, 2).to(images.dtype).div_(255)
-
-    def _nvjpeg(self, as_bytes: torch.Tensor) -> torch.Tensor:
-        with warnings.catch_warnings():
-            # torchvision 0.29 marks its codecs deprecated; they remain the nvJPEG route.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            import torchvision.io
-
-            encoded = torchvision.io.encode_jpeg(list(as_bytes), quality=self.settings.quality)
-            decoded = torchvision.io.decode_jpeg(
-                [e.cpu() for e in encoded], mode=torchvision.io.ImageReadMode.RGB, device="cuda"
-            )
-        return torch.stack(decoded)
+        return torch.from_numpy(decoded)
 
 
 @register
@@ -156,7 +149,14 @@ class Median(Purifier):
     settings: MedianSettings
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        return median_filter(images, self.settings.kernel)
+        k = self.settings.kernel
+        height, width = images.shape[-2:]
+        if min(height, width) <= k // 2:  # reflection needs more pixels than the window reaches
+            raise ValueError(
+                f"median kernel {k}: a {height}x{width} image is too small "
+                f"(needs at least {k // 2 + 1} pixels per side)"
+            )
+        return median_filter(images, k)
 
 
 def median_graph(images: torch.Tensor, kernel: int) -> torch.Tensor:
