@@ -174,8 +174,9 @@ def test_cuda_matches_cpu(name: str, batch224: torch.Tensor) -> None:
     cpu = create_purifier(name)(batch224, seeds=range(len(batch224)))
     gpu = create_purifier(name, device="cuda")(batch224.cuda(), seeds=range(len(batch224)))
     assert gpu.is_cuda
-    if name == "jpeg":  # one codec (libjpeg 4:2:0) on every device: the same bytes
-        assert torch.equal(gpu.cpu(), cpu)
+    if name == "jpeg":  # one codec (libjpeg 4:2:0) on every device: the same 8-bit levels
+        # (the last division by 255 may round 1 ulp apart: CUDA divides by a reciprocal)
+        assert torch.equal((gpu.cpu() * 255).round(), (cpu * 255).round())
     else:
         assert (gpu.cpu() - cpu).abs().mean() < 1e-4
 
