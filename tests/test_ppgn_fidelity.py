@@ -139,7 +139,7 @@ def _photo(small_real_images: torch.Tensor) -> torch.Tensor:
 
 def test_step_size_anneals_and_each_step_moves_h_by_it(small_real_images) -> None:
     purifier = create_purifier("ppgn", steps=4, weights="random", eps3=0.0)
-    assert purifier.lr_end == 0.0  # annealed by default
+    assert purifier.settings.lr_end == 0.0  # annealed by default
     assert [purifier.step_size(t) for t in range(4)] == [0.5, 0.375, 0.25, 0.125]
     generator, encoder = purifier.models(torch.device("cpu"))
     images = _photo(small_real_images)

@@ -5,6 +5,7 @@ Every test that runs Ray shares the one local Ray of the session fixture ``ray_l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from advpurify.images import load_image
 from advpurify.pipeline.batch import MANIFEST, PipelineOptions, execute, plan_run
 from advpurify.pipeline.ray_engine import RayOptions, check_shared_folders, execute_ray
 from advpurify.purifiers import create_purifier
-from advpurify.purifiers.base import Param, Purifier
+from advpurify.purifiers.base import Purifier, Settings, setting
 
 BIN = Path(sys.executable).parent
 TINY_DIP = {"preset": "fast", "iterations": 3, "channels": 8, "skip_channels": 2}
@@ -108,19 +109,25 @@ def test_same_bytes_as_the_local_engine_dip(ray_local, small_photos: Path, tmp_p
     assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "local")
 
 
+@dataclasses.dataclass(frozen=True)
+class _DiesOnceSettings(Settings):
+    marker: str = setting("", "file that records the one death")
+
+
 class _DiesOnce(Purifier):
     """Kills its own process (the Ray actor) on its second batch, once per marker file."""
 
     name = "test-dies-once"
-    params = (Param("marker", str, ""),)
+    Settings = _DiesOnceSettings
+    settings: _DiesOnceSettings
 
-    def __init__(self, device="cpu", **values) -> None:
-        super().__init__(device, **values)
+    def __init__(self, settings=None, *, device="cpu") -> None:
+        super().__init__(settings, device=device)
         self.calls = 0
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         self.calls += 1
-        marker = Path(self.marker)
+        marker = Path(self.settings.marker)
         if self.calls == 2 and not marker.exists():
             marker.write_text(str(os.getpid()))
             os._exit(1)  # the actor dies as a crashed CUDA driver or an OOM kill would
@@ -132,7 +139,7 @@ def test_an_actor_that_dies_is_restarted_and_its_images_retried(
 ) -> None:
     ray_local.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     marker = tmp_path / "died"
-    purifier = _DiesOnce(marker=str(marker))
+    purifier = _DiesOnce.from_values(marker=str(marker))
     plan = plan_run(small_photos, tmp_path / "out", purifier, PipelineOptions(batch_size=1))
     summary = execute_ray(plan, ray_options=RayOptions(max_restarts=2))
     assert marker.exists(), "the actor never died: the test proves nothing"

@@ -36,6 +36,10 @@ from advpurify.serve.protocol import (
     top5,
 )
 
+# Its own xdist group: with `-n 2 --dist loadgroup` the Ray Data tests hold the other worker's
+# Ray, and a server left up here cannot take the CPUs their actors need.
+pytestmark = pytest.mark.xdist_group("serve")
+
 TIMEOUT = 120  # seconds per HTTP request: the test never hangs on a stuck server
 
 

@@ -195,9 +195,9 @@ def _decode(row: dict[str, Any], background: str, max_pixels: int) -> dict[str, 
 class _PurifyActor:
     """One purifier, built once on this actor's device, over batches of decoded images."""
 
-    def __init__(self, purifier_class: type[Purifier], values: dict, device: str, threads: int):
+    def __init__(self, purifier_class: type[Purifier], settings: Any, device: str, threads: int):
         torch.set_num_threads(threads)
-        self.purifier = purifier_class(device=device, **values)
+        self.purifier = purifier_class(settings, device=device)
         self.batch_size = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -327,10 +327,7 @@ def _dataset(ray, plan: RunPlan, ray_options: RayOptions, device: str, todo: lis
                 _PurifyActor,
                 fn_constructor_kwargs={
                     "purifier_class": type(purifier),
-                    # Parameters left at None (e.g. DIP's preset-filled ones) stay unset.
-                    "values": {
-                        k: v for k, v in purifier.settings.as_dict().items() if v is not None
-                    },
+                    "settings": purifier.settings,  # a frozen dataclass: the same values
                     "device": device,
                     "threads": max(1, int(ray_options.cpus_per_worker)),
                 },
