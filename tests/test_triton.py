@@ -19,6 +19,7 @@ from advpurify.cli import app
 from advpurify.export.fused import NotExportableError
 from advpurify.export.triton import write_triton_repo
 from advpurify.models.registry import register_exportable
+from advpurify.models.spec import MODELS
 from advpurify.purifiers import create_purifier
 
 model_config_pb2 = pytest.importorskip(
@@ -46,9 +47,12 @@ class TinyClassifier(nn.Module):
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_classifier():
+    # Its own name: test_export registers a "triton-tiny" of another shape in the same process.
     register_exportable(
-        "test-tiny", lambda _weights: TinyClassifier(), sample_shape=(3, SIZE, SIZE)
+        "triton-tiny", lambda _weights: TinyClassifier(), sample_shape=(3, SIZE, SIZE)
     )
+    yield
+    MODELS.unregister("triton-tiny")
 
 
 def parse_config(path: Path):
@@ -71,11 +75,11 @@ def images(count: int = 3) -> torch.Tensor:
 
 def test_fused_repository(tmp_path):
     result = write_triton_repo(
-        tmp_path, "rescale", "test-tiny", params={"factor": 0.25}, size=SIZE, max_batch=16,
+        tmp_path, "rescale", "triton-tiny", params={"factor": 0.25}, size=SIZE, max_batch=16,
         batch_wait_ms=2.5, check_count=4,
     )  # fmt: skip
     name = result.model
-    assert result.models == [name] and name == "advpurify_rescale_test_tiny"
+    assert result.models == [name] and name == "advpurify_rescale_triton_tiny"
     config = parse_config(tmp_path / name / "config.pbtxt")
     assert config.name == name and config.backend == "onnxruntime"
     assert config.max_batch_size == 16
@@ -97,7 +101,7 @@ def test_fused_repository(tmp_path):
 
 def test_ensemble_repository(tmp_path):
     result = write_triton_repo(
-        tmp_path, "median", "test-tiny", params={"kernel": 5}, size=SIZE, layout="ensemble",
+        tmp_path, "median", "triton-tiny", params={"kernel": 5}, size=SIZE, layout="ensemble",
         check_count=4,
     )  # fmt: skip
     name = result.model
@@ -127,7 +131,7 @@ def test_ensemble_repository(tmp_path):
 @pytest.mark.parametrize(("method", "reason"), [("jpeg", "JPEG"), ("randpad", "random")])
 def test_unfusable_methods_say_why(tmp_path, method, reason):
     with pytest.raises(NotExportableError, match=reason) as caught:
-        write_triton_repo(tmp_path / "repo", method, "test-tiny", size=SIZE)
+        write_triton_repo(tmp_path / "repo", method, "triton-tiny", size=SIZE)
     assert f"advpurify serve --method {method}" in str(caught.value)
     assert not (tmp_path / "repo").exists()
 
@@ -137,11 +141,11 @@ def test_cli(tmp_path):
     args = ["export", "--triton-repo", str(tmp_path), "--purifier", "bitdepth", "--size", str(SIZE)]
     missing = runner.invoke(app, args)
     assert missing.exit_code == 1 and "--classifier" in missing.output
-    done = runner.invoke(app, [*args, "--classifier", "test-tiny", "--check-count", "2"])
+    done = runner.invoke(app, [*args, "--classifier", "triton-tiny", "--check-count", "2"])
     assert done.exit_code == 0, done.output
-    assert "advpurify_bitdepth_test_tiny" in done.output
-    parse_config(tmp_path / "advpurify_bitdepth_test_tiny" / "config.pbtxt")
+    assert "advpurify_bitdepth_triton_tiny" in done.output
+    parse_config(tmp_path / "advpurify_bitdepth_triton_tiny" / "config.pbtxt")
     # Written again: the model folder is replaced whole, nothing else is left behind.
-    again = runner.invoke(app, [*args, "--classifier", "test-tiny", "--check-count", "2"])
+    again = runner.invoke(app, [*args, "--classifier", "triton-tiny", "--check-count", "2"])
     assert again.exit_code == 0, again.output
-    assert [p.name for p in tmp_path.iterdir()] == ["advpurify_bitdepth_test_tiny"]
+    assert [p.name for p in tmp_path.iterdir()] == ["advpurify_bitdepth_triton_tiny"]
