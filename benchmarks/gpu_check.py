@@ -761,6 +761,8 @@ STEP_FUNCTIONS: dict[str, Callable[[Step], None]] = {
 
 
 def run_step(out: Path, name: str, dry_run: bool, data: Path | None) -> int:
+    # Tests prove the cut deterministically by making a step slower than its slice.
+    time.sleep(float(os.environ.get("GPU_CHECK_STEP_DELAY_S", "0")))
     step = Step(out, name, dry_run, data)
     step.attempt(name, lambda: STEP_FUNCTIONS[name](step), need_s=0)
     step.rows.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,12 @@ def _load_script():
     return module
 
 
-def _run(out: Path, *args: str, data: Path | None = None) -> dict:
+def _run(out: Path, *args: str, data: Path | None = None, env: dict | None = None) -> dict:
     command = [sys.executable, str(SCRIPT), str(out), *args]
     if data is not None:
         command += ["--data", str(data)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    env = {**os.environ, **(env or {})}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((out / "gpu_check.json").read_text())
 
@@ -60,11 +62,12 @@ def test_a_step_past_its_slice_is_cut_and_the_run_goes_on(tmp_path):
     # 8 s are kept back for the final write: a 10 s budget leaves 2 s, too little to start.
     result = _run(tmp_path / "out", "--dry-run", "--only", "transforms", "--budget", "10")
     assert result["steps"]["transforms"]["status"] == "cut"
-    # With just over the 3 s a step needs to start, it starts and is killed part-way (importing
-    # torch and the package alone takes longer); the JSON is still complete.
+    # With a few seconds the step starts and is killed part-way (it is made slower than its
+    # slice); the JSON is still complete.
     result = _run(
-        tmp_path / "out2", "--dry-run", "--only", "dip", "--only", "env", "--budget", "11.2"
-    )
+        tmp_path / "out2", "--dry-run", "--only", "dip", "--only", "env", "--budget", "13",
+        env={"GPU_CHECK_STEP_DELAY_S": "30"},
+    )  # fmt: skip
     statuses = {name: step["status"] for name, step in result["steps"].items()}
     assert statuses["dip"] == "cut" and "seconds" in result
     assert (tmp_path / "out2" / "gpu_check.log").read_text().count("step dip: start") == 1
