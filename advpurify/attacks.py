@@ -217,9 +217,9 @@ def loss_gradient(
     if purifier is not None:
         model = DefendedClassifier(purifier, model, eot=eot, seeds=seeds)
     draws = model.draws if isinstance(model, DefendedClassifier) else 1
-    total = torch.zeros_like(images)
+    total: torch.Tensor | None = None
     for draw in range(draws):
-        x = images.detach().clone().requires_grad_(True)
+        x = images.detach().requires_grad_(True)
         if isinstance(model, DefendedClassifier):
             logits = model.draw_logits(x, step, draw)
         else:
@@ -228,8 +228,9 @@ def loss_gradient(
         if targeted:
             loss = -loss
         (grad,) = torch.autograd.grad(loss, x)
-        total += grad
-    return total / draws
+        total = grad if total is None else total.add_(grad)
+    assert total is not None
+    return total if draws == 1 else total.div_(draws)
 
 
 def attack(
@@ -276,10 +277,11 @@ def attack(
             ]
         ).to(clean.device)
         x = (clean + eps * noise).clamp(0, 1)
+    low, high = clean - eps, clean + eps
     for step in range(c.steps):
         grad = loss_gradient(model, x, labels, targeted=c.targeted, step=step)
-        x = x.detach() + alpha * grad.sign()
-        x = torch.min(torch.max(x, clean - eps), clean + eps).clamp(0, 1)
+        x = grad.sign_().mul_(alpha).add_(x.detach())  # the gradient is ours to overwrite
+        x = x.clamp_(low, high).clamp_(0, 1)
     return quantize(x).detach()
 
 

@@ -1,24 +1,32 @@
-"""DIP speed: this fitter against the one it replaced, per image per iteration, in one process.
+"""DIP speed: this fitter against the one it replaced, per image per iteration.
 
-Times, in interleaved rounds (medians, so machine load hits every configuration alike):
+Every fit is timed in a fresh process (the heap tuning of ``advpurify/heap.py`` is process-wide,
+so the old fitter must not inherit it), in interleaved rounds (medians, so machine load hits
+every configuration alike), at batch 1 and batch ``--batch``:
 
-- the fitter before issue 15 (``benchmarks/dip_reference.py``: per-weight Python Adam, host
-  syncs, per-image arrays trimmed by hand, 1x1 convs through the conv dispatch) against the
-  current one, at batch 1 and batch ``--batch``; the ratio is the speed-up;
-- GFLOP/s of the current step (convolutions and matrix products counted by
-  ``torch.utils.flop_counter``) against ``torch.mm`` of 2048 x 2048 in the same run;
-- levers on one network's forward + backward: channels-last convolutions, and with ``--compile``
-  ``torch.compile`` (its compile time printed; outputs compared with eager).
+- ``before``: the fitter before issue 15 (``benchmarks/dip_reference.py``: per-weight Python
+  Adam, host syncs, per-image arrays trimmed by hand, 1x1 convs through the conv dispatch) with
+  glibc's default heap;
+- ``after``: the current fitter (flat Adam, noise drawn one step ahead, huge-page heap);
+- ``after, default heap``: the current fitter with ``ADVPURIFY_HEAP=default`` (the heap's share).
 
-    .venv/bin/python benchmarks/bench_dip.py [--size 224] [--iterations 6] [--batch 8] \
-        [--threads 2] [--compile]
+Each worker warms up with a 2-iteration fit of the same batch, then times ``--iterations``.
+Also printed: GFLOP/s of the step (convolutions and matrix products counted by
+``torch.utils.flop_counter``) against ``torch.mm`` of 2048 x 2048 in the same run, and levers on
+one network's forward + backward: channels-last convolutions, and with ``--compile``
+``torch.compile`` (its compile time printed; outputs compared with eager).
+
+    .venv/bin/python benchmarks/bench_dip.py [--size 224] [--iterations 20] [--batch 8] \
+        [--threads 2] [--rounds 3] [--compile] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +48,14 @@ from advpurify.purifiers.dip import DipSettings, fit  # noqa: E402
 CLOCK = time.perf_counter  # --cpu-time: process CPU time, steadier than wall time under load
 
 
+CONFIGS = {
+    # name: (fitter, environment)
+    "before": ("before", {"ADVPURIFY_HEAP": "default"}),
+    "after": ("after", {}),
+    "after, default heap": ("after", {"ADVPURIFY_HEAP": "default"}),
+}
+
+
 def per_image_iteration(images: torch.Tensor, settings: DipSettings, fitter: str) -> float:
     seeds = list(range(images.shape[0]))
     if images.is_cuda:
@@ -53,6 +69,38 @@ def per_image_iteration(images: torch.Tensor, settings: DipSettings, fitter: str
     if images.is_cuda:
         torch.cuda.synchronize()
     return (CLOCK() - began) / settings.iterations / images.shape[0]
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One measurement in this fresh process: warm up, then time one fit."""
+    fitter, batch = args.worker.split(":")
+    device = resolve_device(args.device)
+    images = sample_images(int(batch), args.size, device)
+    warm = DipSettings.from_preset(args.preset, iterations=2)
+    per_image_iteration(images, warm, fitter)
+    settings = DipSettings.from_preset(args.preset, iterations=args.iterations)
+    print(json.dumps({"seconds": per_image_iteration(images, settings, fitter)}))
+
+
+def sample_images(batch: int, size: int, device: torch.device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(batch, 3, size, size, generator=gen).to(device)
+
+
+def in_fresh_process(args: argparse.Namespace, fitter: str, batch: int, env: dict) -> float:
+    command = [sys.executable, __file__, "--worker", f"{fitter}:{batch}"]
+    for flag in ("size", "iterations", "preset", "device"):
+        command += [f"--{flag}", str(getattr(args, flag))]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    if args.cpu_time:
+        command.append("--cpu-time")
+    done = subprocess.run(
+        command, env={**os.environ, **env}, capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        raise SystemExit(f"worker {fitter}:{batch} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def interleaved(
@@ -140,7 +188,7 @@ def timed(run: Callable[[], object], device: torch.device, repeat: int = 2) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--iterations", type=int, default=6)
+    parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--preset", default="fast")
@@ -148,6 +196,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
     parser.add_argument("--skip-fits", action="store_true", help="levers only")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--cpu-time",
         action="store_true",
@@ -159,10 +209,10 @@ def main() -> None:
         CLOCK = time.process_time
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(args)
+        return
     device = resolve_device(args.device)
-    images = torch.rand(
-        args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)
-    ).to(device)
     settings = DipSettings.from_preset(args.preset, iterations=args.iterations)
     print(
         f"DIP {args.preset} preset ({settings.channels} ch, {settings.scales} scales), "
@@ -176,21 +226,27 @@ def main() -> None:
 
     median: dict[str, float] = {}
     if not args.skip_fits:
-        runs = {}
-        for batch in (1, args.batch):
-            for fitter in ("before", "after"):
-                runs[f"batch {batch}, {fitter}"] = lambda b=batch, f=fitter: per_image_iteration(
-                    images[:b], settings, f
-                )
-        median, times = interleaved(runs, args.rounds)
-        print(f"fit, {args.iterations} iterations (s per image per iteration):")
+        times: dict[str, list[float]] = {}
+        for _ in range(args.rounds):
+            for batch in (1, args.batch):
+                for name, (fitter, env) in CONFIGS.items():
+                    value = in_fresh_process(args, fitter, batch, env)
+                    times.setdefault(f"batch {batch}, {name}", []).append(value)
+        median = {name: statistics.median(v) for name, v in times.items()}
+        print(f"fit, {args.iterations} iterations, one process each (s per image per iteration):")
         for name, value in median.items():
             spread = ", ".join(f"{v:.4f}" for v in times[name])
             gflops = flops / value / 1e9
-            print(f"  {name:22s} {value:.4f}  ({spread})  {gflops:.1f} GFLOP/s")
+            print(f"  {name:30s} {value:.4f}  ({spread})  {gflops:.1f} GFLOP/s")
         for batch in (1, args.batch):
             ratio = median[f"batch {batch}, before"] / median[f"batch {batch}, after"]
-            print(f"after vs before, batch {batch}: {ratio:.2f}x faster per image")
+            heap = median[f"batch {batch}, after, default heap"] / median[f"batch {batch}, after"]
+            print(
+                f"after vs before, batch {batch}: {ratio:.2f}x faster per image "
+                f"(of which the huge-page heap {heap:.2f}x)"
+            )
+        if args.json:
+            args.json.write_text(json.dumps({"times": times, "median": median}, indent=1))
 
     levers: dict[str, Callable[[], float]] = {
         "eager": lambda: timed(one.step, device),

@@ -16,6 +16,7 @@ from skimage.restoration import denoise_tv_chambolle
 from advpurify.export.fused import MedianGraph
 from advpurify.images import load_image
 from advpurify.purifiers import ParamError, create_purifier
+from advpurify.purifiers import transforms
 from advpurify.purifiers.transforms import median_graph
 
 TRANSFORMS = ["rescale", "jpeg", "bitdepth", "median", "tvm", "randpad"]
@@ -186,3 +187,16 @@ def test_median_refuses_an_image_smaller_than_its_window():
         create_purifier("median", kernel=5)(torch.rand(1, 3, 2, 9))
     tiny = torch.rand(1, 3, 2, 2)  # the smallest a 3x3 window can reflect over
     assert create_purifier("median")(tiny).shape == tiny.shape
+
+
+def test_tvm_chunks_do_not_change_the_output(
+    batch224: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Channels are denoised a few at a time (cache) and leave the working set once converged;
+    # each stops on its own criterion, so grouping them differently changes nothing.
+    images = torch.cat([batch224[:2], batch224[:1] * 3 - 1])  # one far outside [0, 1]
+    outputs = []
+    for pixels in (1, 2 * 224 * 224 + 1, 10**9):  # one plane, two planes, all at once
+        monkeypatch.setattr(transforms, "_TV_CHUNK_PIXELS", pixels)
+        outputs.append(create_purifier("tvm", weight=0.1)(images))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])

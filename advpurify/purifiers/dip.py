@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from advpurify import heap
 from advpurify.models.skipnet import SkipConfig, SkipNet
 from advpurify.purifiers.base import (
     ParamError,
@@ -353,6 +354,10 @@ def _fit_group(
     multiple = 2**config.scales
     target, (top, left, height, width) = pad_to_multiple(images, multiple, 2 * multiple)
     H, W = target.shape[-2:]
+    if device.type == "cpu":
+        # Activations reuse one huge-page heap from step to step (advpurify/heap.py): the same
+        # arithmetic, fewer page faults and TLB misses.
+        heap.reserve(_step_bytes(n, H, W, s))
 
     def crop(x: torch.Tensor) -> torch.Tensor:
         return x[..., top : top + height, left : left + width]
@@ -410,6 +415,11 @@ def _fit_group(
                 break
             fits.keep((~done).nonzero().flatten())
     return DipResult(images=result, iterations=stopped_at, restores=restores_out)
+
+
+def _step_bytes(n: int, height: int, width: int, s: DipSettings) -> int:
+    """About what one step allocates (measured: ~80 MiB per 224 x 224 image with `fast`)."""
+    return n * height * width * 4 * (3 * s.input_depth + 20 * s.channels)
 
 
 def _step(net: SkipNet, fits: _Fits, s: DipSettings) -> tuple[torch.Tensor, torch.Tensor]:
