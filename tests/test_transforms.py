@@ -15,8 +15,7 @@ from skimage.restoration import denoise_tv_chambolle
 
 from advpurify.export.fused import MedianGraph
 from advpurify.images import load_image
-from advpurify.purifiers import ParamError, create_purifier
-from advpurify.purifiers import transforms
+from advpurify.purifiers import ParamError, create_purifier, transforms
 from advpurify.purifiers.transforms import median_graph
 
 TRANSFORMS = ["rescale", "jpeg", "bitdepth", "median", "tvm", "randpad"]
