@@ -189,3 +189,30 @@ def test_eot_attack_through_randpad(lite0, correct_subset):
     adv = attack(lite0.module, images, labels, config, purifier=randpad, seeds=[0, 1, 2, 3])
     defended = lite0.logits(randpad(adv, [100, 101, 102, 103])).argmax(1)
     assert (defended == labels).sum() <= 1
+
+
+def test_the_fused_update_equals_the_textbook_steps() -> None:
+    # attack() updates in place (sign, step, one clamp to the ball, one to [0, 1]); the result
+    # must equal the textbook PGD loop bit for bit, EOT averaging included.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 14 * 14, 5),
+    ).eval()
+    images, labels = torch.rand(3, 3, 16, 16), torch.tensor([0, 3, 4])
+    config = AttackConfig("pgd", 8.0, steps=4, random_start=False)
+    eps, alpha = 8 / 255, config.resolved().step_size / 255
+    x = images.clone()
+    for _ in range(4):
+        grad = torch.zeros_like(x)
+        leaf = x.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(leaf), labels, reduction="sum")
+        grad += torch.autograd.grad(loss, leaf)[0]
+        x = x + alpha * grad.sign()
+        x = torch.min(torch.max(x, images - eps), images + eps).clamp(0, 1)
+    expected = x.clamp(0, 1).mul(255).round().div(255)
+    before = images.clone()
+    assert torch.equal(attack(model, images, labels, config), expected)
+    assert torch.equal(images, before)  # the in-place steps never touch the caller's batch
