@@ -6,11 +6,12 @@ page fault per 4 KiB page touched (and a TLB miss per page after that). Raising 
 trim thresholds keeps those blocks in the heap, which the process then reuses; asking the
 kernel for transparent huge pages on that heap (``madvise``) cuts the faults and TLB misses by
 512. The arithmetic is untouched: outputs are bit-identical; a `fast` DIP step on 2 cores runs
-about 1.3x faster (docs/performance.md).
+a few percent faster (docs/performance.md has the figures).
 
-The cost: memory freed inside the process stays with it (up to the trim threshold) instead of
-going back to the OS at once, and the heap is grown up front (address space, not RSS: pages are
-only backed when touched). Set ``ADVPURIFY_HEAP=default`` to leave the allocator alone.
+The cost: memory freed inside the process stays with it (up to 2 GiB, the trim threshold)
+instead of going back to the OS at once; all threads share one arena (its lock); the heap is
+grown up front by at most 1 GiB (address space, not RSS: pages are only backed when touched).
+Set ``ADVPURIFY_HEAP=default`` to leave the allocator alone.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ _MADV_HUGEPAGE = 14
 _HUGE_PAGE = 2 << 20
 # Blocks up to this size come from the heap; some glibc versions cap it at 32 MiB.
 _MMAP_THRESHOLDS = (1 << 30, 32 << 20)
-_TRIM_THRESHOLD = 1 << 30
+# mallopt takes an int. A reservation freed back to the heap must stay under the trim
+# threshold, or glibc hands it straight back to the OS.
+_TRIM_THRESHOLD = 2**31 - 1
+_RESERVE_MAX = 1 << 30
 _TOP_PAD = 64 << 20
 
 _lock = threading.Lock()
@@ -91,6 +95,7 @@ def reserve(nbytes: int) -> bool:
     """
     if not enabled():
         return False
+    nbytes = min(nbytes, _RESERVE_MAX)
     libc = _libc()
     if libc is None:
         return False
@@ -112,6 +117,8 @@ def reserve(nbytes: int) -> bool:
         # Grow the heap by nbytes (untouched, so not yet backed), then advise all of it: pages
         # are backed by huge pages when first touched. The block stays in the heap once freed.
         block = libc.malloc(nbytes)
+        if not block:
+            return True
         heap = _heap_range()
         if heap is not None:
             start = -(-heap[0] // _HUGE_PAGE) * _HUGE_PAGE
