@@ -219,7 +219,7 @@ def loss_gradient(
     draws = model.draws if isinstance(model, DefendedClassifier) else 1
     total: torch.Tensor | None = None
     for draw in range(draws):
-        x = images.detach().requires_grad_(True)
+        x = images.detach().clone().requires_grad_(True)
         if isinstance(model, DefendedClassifier):
             logits = model.draw_logits(x, step, draw)
         else:
@@ -228,9 +228,10 @@ def loss_gradient(
         if targeted:
             loss = -loss
         (grad,) = torch.autograd.grad(loss, x)
-        total = grad if total is None else total.add_(grad)
+        # Not in place: autograd may hand back a broadcast view (stride 0).
+        total = grad if total is None else total + grad
     assert total is not None
-    return total if draws == 1 else total.div_(draws)
+    return total if draws == 1 else total / draws
 
 
 def attack(
@@ -280,8 +281,7 @@ def attack(
     low, high = clean - eps, clean + eps
     for step in range(c.steps):
         grad = loss_gradient(model, x, labels, targeted=c.targeted, step=step)
-        x = grad.sign_().mul_(alpha).add_(x.detach())  # the gradient is ours to overwrite
-        x = x.clamp_(low, high).clamp_(0, 1)
+        x = torch.sign(grad).mul_(alpha).add_(x.detach()).clamp_(low, high).clamp_(0, 1)
     return quantize(x).detach()
 
 

@@ -1,23 +1,24 @@
 """A CPU heap for the many large, short-lived tensors of an iterative fit (glibc on Linux).
 
 Every DIP step allocates and frees dozens of activation tensors of a few MB. glibc serves
-blocks that large with a fresh ``mmap`` and returns them with ``munmap``, so every step pays a
-page fault per 4 KiB page touched (and a TLB miss per page after that). Raising the mmap and
-trim thresholds keeps those blocks in the heap, which the process then reuses; asking the
-kernel for transparent huge pages on that heap (``madvise``) cuts the faults and TLB misses by
-512. The arithmetic is untouched: outputs are bit-identical; a `fast` DIP step on 2 cores runs
-a few percent faster (docs/performance.md has the figures).
+blocks that large with a fresh ``mmap`` (a page fault per 4 KiB touched) until its adaptive
+threshold catches up, and trims the heap top as soon as it is free. Raising the mmap and trim
+thresholds keeps those blocks in the heap, which the process then reuses; asking the kernel
+for transparent huge pages on that heap (``madvise``) cuts the faults and TLB misses that
+remain. The arithmetic is untouched (outputs bit-identical); a `fast` DIP step on 2 cores runs
+4-12% faster (docs/performance.md).
 
-The cost: memory freed inside the process stays with it (up to 2 GiB, the trim threshold)
-instead of going back to the OS at once; all threads share one arena (its lock); the heap is
-grown up front by at most 1 GiB (address space, not RSS: pages are only backed when touched).
-Set ``ADVPURIFY_HEAP=default`` to leave the allocator alone.
+Process-wide, so opt-in: ``ADVPURIFY_HEAP=large-pages`` (the ``advpurify`` and
+``purify-batch`` commands set it for themselves and the workers they start, unless it is set).
+Memory freed during a fit stays with the process until :func:`release` (called when a fit
+ends) hands it back; the heap is grown up front by at most 1 GiB of address space (pages are
+only backed when touched).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import platform
 import threading
@@ -29,7 +30,6 @@ ENV = "ADVPURIFY_HEAP"
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
 _MADV_HUGEPAGE = 14
 _HUGE_PAGE = 2 << 20
 # Blocks up to this size come from the heap; some glibc versions cap it at 32 MiB.
@@ -44,12 +44,12 @@ _lock = threading.Lock()
 _state: dict[str, int | bool] = {"tuned": False, "advised_end": 0}
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    name = ctypes.util.find_library("c") or "libc.so.6"
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
         return None
     libc.malloc.restype = ctypes.c_void_p
@@ -57,6 +57,7 @@ def _libc() -> ctypes.CDLL | None:
     libc.free.argtypes = [ctypes.c_void_p]
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
     return libc
 
 
@@ -82,16 +83,27 @@ def _heap_range() -> tuple[int, int] | None:
     return min(s for s, _ in spans), max(e for _, e in spans)
 
 
+ON = "large-pages"
+OFF = "default"
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV, "large-pages").strip().lower() not in {"default", "0", "off"}
+    """Whether ``ADVPURIFY_HEAP`` asks for the tuned heap (unset: no)."""
+    return os.environ.get(ENV, OFF).strip().lower() == ON
+
+
+def release() -> None:
+    """Hand the heap's free memory back to the OS (``malloc_trim``) once a fit is over."""
+    libc = _libc() if _state["tuned"] else None
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def reserve(nbytes: int) -> bool:
     """Keep large blocks in the heap and make at least ``nbytes`` of it huge-page backed.
 
     Idempotent and cheap when the heap is already that large. Returns whether the heap is
-    tuned (False off glibc/Linux, or with ``ADVPURIFY_HEAP=default``). Process-wide: call it
-    from code that owns the process's CPU work (a purifier fitting on the CPU).
+    tuned (False off glibc/Linux, or unless ``ADVPURIFY_HEAP=large-pages``).
     """
     if not enabled():
         return False
@@ -104,8 +116,6 @@ def reserve(nbytes: int) -> bool:
             ok = any(libc.mallopt(_M_MMAP_THRESHOLD, t) for t in _MMAP_THRESHOLDS)
             ok &= libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
             ok &= libc.mallopt(_M_TOP_PAD, _TOP_PAD)
-            # Worker threads (OpenMP, oneDNN) allocate from the one advised heap too.
-            ok &= libc.mallopt(_M_ARENA_MAX, 1)
             if not ok:
                 return False
             _state["tuned"] = True

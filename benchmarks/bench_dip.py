@@ -7,7 +7,8 @@ every configuration alike), at batch 1 and batch ``--batch``:
 - ``before``: the fitter before issue 15 (``benchmarks/dip_reference.py``: per-weight Python
   Adam, host syncs, per-image arrays trimmed by hand, 1x1 convs through the conv dispatch) with
   glibc's default heap;
-- ``after``: the current fitter (flat Adam, noise drawn one step ahead, huge-page heap);
+- ``after``: the current fitter (flat Adam over one buffer, no host syncs, huge-page heap as the
+  ``advpurify`` commands set it up);
 - ``after, default heap``: the current fitter with ``ADVPURIFY_HEAP=default`` (the heap's share).
 
 Each worker warms up with a 2-iteration fit of the same batch, then times ``--iterations``.
@@ -51,7 +52,7 @@ CLOCK = time.perf_counter  # --cpu-time: process CPU time, steadier than wall ti
 CONFIGS = {
     # name: (fitter, environment)
     "before": ("before", {"ADVPURIFY_HEAP": "default"}),
-    "after": ("after", {}),
+    "after": ("after", {"ADVPURIFY_HEAP": "large-pages"}),  # what the CLI sets
     "after, default heap": ("after", {"ADVPURIFY_HEAP": "default"}),
 }
 

@@ -193,7 +193,7 @@ def test_eot_attack_through_randpad(lite0, correct_subset):
 
 def test_the_fused_update_equals_the_textbook_steps() -> None:
     # attack() updates in place (sign, step, one clamp to the ball, one to [0, 1]); the result
-    # must equal the textbook PGD loop bit for bit, EOT averaging included.
+    # must equal the textbook PGD loop bit for bit.
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3),

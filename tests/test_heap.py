@@ -41,15 +41,49 @@ def run_fit(mode: str) -> dict:
 
 
 def test_outputs_are_bit_identical_with_and_without_the_tuned_heap() -> None:
-    tuned, default = run_fit("large-pages"), run_fit("default")
+    tuned, default = run_fit(heap.ON), run_fit(heap.OFF)
     assert tuned["sha"] == default["sha"]
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if platform.libc_ver()[0] == "glibc" and thp.exists() and "[never]" not in thp.read_text():
-        assert tuned["huge_kb"] > default["huge_kb"]
+    if platform.libc_ver()[0] == "glibc" and thp.exists() and "[madvise]" in thp.read_text():
+        # Only on request: the fit's heap is backed by huge pages, the default one is not.
+        assert tuned["huge_kb"] > default["huge_kb"] == 0
 
 
-def test_opting_out_leaves_the_allocator_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(heap.ENV, "default")
-    assert heap.reserve(1 << 20) is False
-    monkeypatch.setenv(heap.ENV, "large-pages")
-    assert heap.reserve(1 << 20) is (platform.system() == "Linux" and heap._libc() is not None)
+def test_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_libc():
+        raise AssertionError("the allocator was touched")
+
+    monkeypatch.setattr(heap, "_libc", no_libc)
+    for value in (None, "default", "no", "LARGE-PAGES-PLEASE"):
+        if value is None:
+            monkeypatch.delenv(heap.ENV, raising=False)
+        else:
+            monkeypatch.setenv(heap.ENV, value)
+        assert heap.reserve(1 << 20) is False
+
+
+# A command run through the CLI's runner, printing what ADVPURIFY_HEAP it sees.
+PROBE = """
+import os, typer
+import advpurify.cli as cli
+probe = typer.Typer()
+
+@probe.command()
+def show() -> None:
+    print(os.environ.get("ADVPURIFY_HEAP"))
+
+cli._run(lambda: probe)
+"""
+
+
+def test_the_commands_ask_for_it_unless_the_user_said_otherwise() -> None:
+    environ = {k: v for k, v in os.environ.items() if k != heap.ENV}
+    for env, expected in (({}, heap.ON), ({heap.ENV: "default"}, "default")):
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE],
+            env={**environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.stdout.strip() == expected, done.stderr[-1000:]

@@ -188,14 +188,60 @@ def test_median_refuses_an_image_smaller_than_its_window():
     assert create_purifier("median")(tiny).shape == tiny.shape
 
 
-def test_tvm_chunks_do_not_change_the_output(
-    batch224: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+def tv_before(images, weight=0.1, eps=2e-4, iterations=200):
+    """tv_chambolle as it was before it chunked and compacted (issue 15), verbatim."""
+    x = images
+    tau = 0.25
+    p = torch.zeros((2, *x.shape), dtype=x.dtype, device=x.device)
+    g = torch.zeros_like(p)
+    result = x.clone()
+    active = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    pixels = float(x.shape[-2] * x.shape[-1])
+    e_init = e_prev = None
+    out = x
+    for i in range(iterations):
+        if i > 0:
+            d = -p.sum(0)
+            d[..., 1:, :] += p[0, ..., :-1, :]
+            d[..., :, 1:] += p[1, ..., :, :-1]
+            out = x + d
+            energy = d.square().sum((-2, -1))
+        else:
+            out = x
+            energy = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
+        g[0, ..., :-1, :] = out[..., 1:, :] - out[..., :-1, :]
+        g[1, ..., :, :-1] = out[..., :, 1:] - out[..., :, :-1]
+        norm = g.square().sum(0).sqrt()
+        energy = (energy + weight * norm.sum((-2, -1))) / pixels
+        p = (p - tau * g) / (norm * (tau / weight) + 1.0)
+        if i == 0:
+            e_init = e_prev = energy
+            continue
+        converged = active & ((e_prev - energy).abs() < eps * e_init)
+        result[converged] = out[converged]
+        active &= ~converged
+        e_prev = energy
+        if not bool(active.any()):
+            return result
+    result[active] = out[active]
+    return result
+
+
+@pytest.mark.parametrize("chunk_pixels", [1, 2 * 16 * 16, 3 * 16 * 16, 10**9])
+def test_tvm_equals_the_implementation_before_chunking(
+    small_real_images: torch.Tensor, monkeypatch: pytest.MonkeyPatch, chunk_pixels: int
 ) -> None:
-    # Channels are denoised a few at a time (cache) and leave the working set once converged;
-    # each stops on its own criterion, so grouping them differently changes nothing.
-    images = torch.cat([batch224[:2], batch224[:1] * 3 - 1])  # one far outside [0, 1]
-    outputs = []
-    for pixels in (1, 2 * 224 * 224 + 1, 10**9):  # one plane, two planes, all at once
-        monkeypatch.setattr(transforms, "_TV_CHUNK_PIXELS", pixels)
-        outputs.append(create_purifier("tvm", weight=0.1)(images))
-    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    # Channels are denoised a few at a time and leave the working set once converged; every
+    # iteration count (so channels that stop on the last step), every chunking (one plane
+    # left over included), values outside [0, 1]: the same bits as before.
+    monkeypatch.setattr(transforms, "_TV_CHUNK_PIXELS", chunk_pixels)
+    images = F.interpolate(small_real_images[:3], size=(16, 16), mode="area")
+    images = torch.cat([images, images[:1] * 3 - 1])
+    tvm = transforms.tv_chambolle
+    for iterations in range(1, 60):
+        assert torch.equal(
+            tvm(images, 0.1, 2e-4, iterations), tv_before(images, 0.1, 2e-4, iterations)
+        )
+    assert torch.equal(tvm(images[:1, :1], 0.3), tv_before(images[:1, :1], 0.3))
+    assert tvm(images[:, :, :0]).shape == (4, 3, 0, 16)  # empty planes
+    assert torch.equal(tvm(images.requires_grad_()), tv_before(images.detach()))  # no autograd

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -11,6 +12,7 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer, on click itself
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
+from advpurify import heap
 from advpurify.cli import batch, evaluate, export, serve, train, weights
 from advpurify.cli.errors import describe, wrap_commands
 from advpurify.errors import AdvpurifyError
@@ -30,6 +32,9 @@ wrap_commands(app)
 def _run(make_app) -> None:
     """Run a typer app with one-line errors: click's usage errors (a bad option value) print
     as ``error: ...`` with exit code 1 instead of a boxed usage screen and code 2."""
+    # A command owns its process (and the Ray workers it starts inherit the environment):
+    # CPU fits may tune its heap (advpurify/heap.py) unless the user said otherwise.
+    os.environ.setdefault(heap.ENV, heap.ON)
     try:
         code = make_app()(standalone_mode=False)
     except NoArgsIsHelpError as error:

@@ -205,8 +205,8 @@ class TotalVariation(Purifier):
         return tv_chambolle(images, s.weight, s.eps, s.iterations)
 
 
-# Channels denoised together: enough to amortise torch's per-op cost, few enough that the
-# working set (about 8 arrays of this many floats) stays in a core's cache.
+# On the CPU, channels are denoised a few at a time: enough to amortise torch's per-op cost,
+# few enough that the working set (about 8 arrays of this many floats) stays in cache.
 _TV_CHUNK_PIXELS = 400_000
 
 
@@ -216,25 +216,43 @@ def tv_chambolle(
     """``skimage.restoration.denoise_tv_chambolle(..., channel_axis=...)``, batched.
 
     Each image channel is denoised on its own and stops on its own criterion, exactly as
-    scikit-image does channel by channel; here a few channels advance together, and a channel
-    that has converged leaves the working set (the rest no longer pay for it).
+    scikit-image does channel by channel. On the CPU a few channels advance together and a
+    channel that has converged leaves the working set; on CUDA all advance together.
     """
     shape = images.shape
-    planes = images.reshape(-1, *shape[-2:])  # one row per channel of every image
-    chunk = max(1, _TV_CHUNK_PIXELS // (shape[-2] * shape[-1]))
-    parts = [_tv_planes(x, weight, eps, iterations) for x in planes.split(chunk)]
+    if images.numel() == 0:
+        return images.detach().clone()
+    planes = images.detach().reshape(-1, *shape[-2:])  # one row per channel of every image
+    if planes.is_cuda:
+        return _tv_planes(planes, weight, eps, iterations, compact=False).reshape(shape)
+    # At least 2 rows per chunk: a sum with a single output is split across threads, and so
+    # rounds differently with the thread count (with 2 or more, each row is summed serially).
+    chunk = max(2, _TV_CHUNK_PIXELS // (shape[-2] * shape[-1]))
+    starts = list(range(0, planes.shape[0], chunk))
+    if len(starts) > 1 and planes.shape[0] - starts[-1] == 1:
+        starts.pop()  # no chunk of one row: the last row joins the chunk before it
+    ends = [*starts[1:], planes.shape[0]]
+    parts = [
+        _tv_planes(planes[a:b], weight, eps, iterations, compact=True)
+        for a, b in zip(starts, ends, strict=True)
+    ]
     return torch.cat(parts).reshape(shape)
 
 
-def _tv_planes(x: torch.Tensor, weight: float, eps: float, iterations: int) -> torch.Tensor:
+def _tv_planes(
+    x: torch.Tensor, weight: float, eps: float, iterations: int, compact: bool
+) -> torch.Tensor:
+    """Chambolle's projection on ``rows x H x W`` planes; ``compact``: drop converged rows
+    (keeping at least 2 rows while any is left, for the summation order; see above)."""
     result = torch.empty_like(x)
     rows = torch.arange(x.shape[0], device=x.device)
+    active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     tau = 0.25  # 1 / (2 * ndim) for 2-D channels; a power of two, so tau * g is exact
     p = torch.zeros((2, *x.shape), dtype=x.dtype, device=x.device)
     g = torch.zeros_like(p)
     pixels = float(x.shape[-2] * x.shape[-1])
     out = x
-    e_init = e_prev = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    e_init = e_prev = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)  # set at i = 0
     for i in range(iterations):
         if i > 0:
             # minus_d = -d, the divergence of p: rounding is symmetric under negation, so
@@ -255,16 +273,21 @@ def _tv_planes(x: torch.Tensor, weight: float, eps: float, iterations: int) -> t
         if i == 0:
             e_init = e_prev = energy
             continue
-        converged = (e_prev - energy).abs() < eps * e_init
-        if bool(converged.any()):
-            result[rows[converged]] = out[converged]
-            going = ~converged
-            if not bool(going.any()):
-                return result
-            x, p, g, rows = x[going], p[:, going], g[:, going], rows[going]
-            e_init, energy = e_init[going], energy[going]
+        converged = active & ((e_prev - energy).abs() < eps * e_init)
         e_prev = energy
-    result[rows] = out
+        if not bool(converged.any()):
+            continue
+        result[rows[converged]] = out[converged]
+        active &= ~converged
+        if not bool(active.any()):
+            return result
+        if compact:
+            keep = active.clone()
+            if int(keep.sum()) < 2:  # a finished row rides along (its result is already taken)
+                keep[(~active).nonzero()[0]] = True
+            x, p, g, out, rows = x[keep], p[:, keep], g[:, keep], out[keep], rows[keep]
+            active, e_init, e_prev = active[keep], e_init[keep], e_prev[keep]
+    result[rows[active]] = out[active]
     return result
 
 
