@@ -6,7 +6,11 @@ OpenCV, scipy, scikit-image); FGSM / PGD against torchattacks, on the same class
 pair is timed in interleaved rounds in one process (medians after a warm-up). The peers come
 from the ``peers`` extra (``pip install advpurify[peers]``), not a runtime dependency.
 
-    .venv/bin/python benchmarks/bench_peers.py [--n 100] [--attack-n 16] [--threads 2]
+    .venv/bin/python benchmarks/bench_peers.py [--n 100] [--attack-n 16] [--threads 2] \
+        [--before-after]
+
+``--before-after`` also times the implementations kept in ``benchmarks/transforms_reference.py``
+(as they were before issue 15) against the current ones, asserting the same output bits.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import argparse
 import io
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -32,6 +38,8 @@ from advpurify.images import load_image
 from advpurify.models.classifiers import load_classifier
 from advpurify.paths import shared_data_dir
 from advpurify.purifiers import create_purifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 Batch = Callable[[torch.Tensor], torch.Tensor]
 
@@ -146,6 +154,26 @@ def top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> 
         return torch.cat([model(images[i : i + 16]).argmax(1) for i in range(0, len(images), 16)])
 
 
+def before_after(images: torch.Tensor, rounds: int) -> None:
+    """The pre-issue-15 implementations against the current ones, same output bits."""
+    from transforms_reference import tv_chambolle_before
+
+    pairs = {"tvm weight 0.1": (tv_chambolle_before, create_purifier("tvm", weight=0.1))}
+    print("| transform | before img/s | after img/s | speed-up | same bits |")
+    print("|---|---:|---:|---:|---|")
+    for name, (before, after) in pairs.items():
+        median = interleaved(
+            {"before": lambda b=before: b(images), "after": lambda a=after: a(images)}, rounds
+        )
+        same = torch.equal(before(images), after(images))
+        assert same, f"{name}: the outputs changed"
+        print(
+            f"| {name} | {len(images) / median['before']:.1f} | "
+            f"{len(images) / median['after']:.1f} | {median['before'] / median['after']:.2f}x "
+            f"| {same} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100, help="sample images for the transforms")
@@ -155,6 +183,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--classifier", default="efficientnet-lite0")
     parser.add_argument("--skip-attacks", action="store_true")
+    parser.add_argument("--before-after", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     images, labels = load_samples(args.n)
@@ -169,6 +198,8 @@ def main() -> None:
         "| top-1 advpurify | top-1 peer | agreement |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    if args.before_after:
+        before_after(images, args.rounds)
     for operation, (ours, theirs) in peers(args.tvm_n).items():
         runs: dict[str, Callable[[], object]] = {"ours": lambda ours=ours: ours(images)}
         for name, peer in theirs.items():

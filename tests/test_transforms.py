@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -188,43 +190,16 @@ def test_median_refuses_an_image_smaller_than_its_window():
     assert create_purifier("median")(tiny).shape == tiny.shape
 
 
-def tv_before(images, weight=0.1, eps=2e-4, iterations=200):
-    """tv_chambolle as it was before it chunked and compacted (issue 15), verbatim."""
-    x = images
-    tau = 0.25
-    p = torch.zeros((2, *x.shape), dtype=x.dtype, device=x.device)
-    g = torch.zeros_like(p)
-    result = x.clone()
-    active = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-    pixels = float(x.shape[-2] * x.shape[-1])
-    e_init = e_prev = None
-    out = x
-    for i in range(iterations):
-        if i > 0:
-            d = -p.sum(0)
-            d[..., 1:, :] += p[0, ..., :-1, :]
-            d[..., :, 1:] += p[1, ..., :, :-1]
-            out = x + d
-            energy = d.square().sum((-2, -1))
-        else:
-            out = x
-            energy = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
-        g[0, ..., :-1, :] = out[..., 1:, :] - out[..., :-1, :]
-        g[1, ..., :, :-1] = out[..., :, 1:] - out[..., :, :-1]
-        norm = g.square().sum(0).sqrt()
-        energy = (energy + weight * norm.sum((-2, -1))) / pixels
-        p = (p - tau * g) / (norm * (tau / weight) + 1.0)
-        if i == 0:
-            e_init = e_prev = energy
-            continue
-        converged = active & ((e_prev - energy).abs() < eps * e_init)
-        result[converged] = out[converged]
-        active &= ~converged
-        e_prev = energy
-        if not bool(active.any()):
-            return result
-    result[active] = out[active]
-    return result
+def _reference():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "transforms_reference.py"
+    spec = importlib.util.spec_from_file_location("transforms_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+tv_before = _reference().tv_chambolle_before
 
 
 @pytest.mark.parametrize("chunk_pixels", [1, 2 * 16 * 16, 3 * 16 * 16, 10**9])
