@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,3 +334,40 @@ def test_end_to_end_folder_predictions_equal_the_exact_path(sample_dir, sample_p
             exact[str(path)] = int(module(image).argmax(1))
     assert figure.images == len(sample_paths) == len(figure.predictions)
     assert figure.predictions == exact
+
+
+def test_bench_dip_times_every_configuration_in_its_own_process(tmp_path):
+    # The script's plumbing (fresh worker processes, interleaved rounds, ratios, JSON) on a
+    # tiny net; the figures themselves are for docs/performance.md, not for assertions.
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dip.py"
+    out = tmp_path / "dip.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--size",
+            "64",
+            "--iterations",
+            "2",
+            "--rounds",
+            "1",
+            "--batch",
+            "2",
+            "--preset",
+            "tiny",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "after vs before, batch 2" in done.stdout and "of torch.mm" in done.stdout
+    times = json.loads(out.read_text())["times"]
+    assert set(times) == {
+        f"batch {b}, {c}" for b in (1, 2) for c in ("before", "after", "after, default heap")
+    }
+    assert all(len(v) == 1 and v[0] > 0 for v in times.values())
