@@ -3,7 +3,7 @@ top-1 of each and prediction agreement.
 
 Transforms against ART's preprocessors and the libraries that do the same operation (Pillow,
 OpenCV, scipy, scikit-image); FGSM / PGD against torchattacks, on the same classifier. Every
-pair is timed in interleaved rounds in one process (medians after a warm-up). The peers come
+pair is timed in its own interleaved rounds in one process (medians after a warm-up). The peers come
 from the ``peers`` extra (``pip install advpurify[peers]``), not a runtime dependency.
 
     .venv/bin/python benchmarks/bench_peers.py [--n 100] [--attack-n 16] [--threads 2] \
@@ -201,13 +201,15 @@ def main() -> None:
     if args.before_after:
         before_after(images, args.rounds)
     for operation, (ours, theirs) in peers(args.tvm_n).items():
-        runs: dict[str, Callable[[], object]] = {"ours": lambda ours=ours: ours(images)}
-        for name, peer in theirs.items():
-            runs[name] = lambda peer=peer: peer(images)
-        median = interleaved(runs, args.rounds)
         mine = ours(images)
         mine_top1 = top1(model, mine, truth)
         for name, peer in theirs.items():
+            # Each pair in its own rounds: a peer that leaves BLAS threads spinning (ART's
+            # TotalVarMin, through scipy) would otherwise slow whatever runs after it.
+            median = interleaved(
+                {"ours": lambda ours=ours: ours(images), name: lambda peer=peer: peer(images)},
+                args.rounds,
+            )
             out = peer(images)
             count = len(out)
             diff = float((out - mine[:count]).abs().max())
