@@ -15,7 +15,6 @@ the policy changes, and counts the graphs ``torch.compile`` builds for the batch
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -31,18 +30,7 @@ from advpurify.runtime.backends import create_backend
 from advpurify.runtime.installed import unavailable_reason
 from advpurify.runtime.parity import outputs
 from advpurify.runtime.parity import report as parity
-
-
-@contextlib.contextmanager
-def tf32_allowed():
-    """TF32 on for torch's CUDA matmuls and convolutions (what the policy turns off)."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = (matmul.fp32_precision, conv.fp32_precision)
-    matmul.fp32_precision = conv.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision, conv.fp32_precision = saved
+from advpurify.runtime.precision import cuda_fp32
 
 
 def main() -> int:
@@ -102,7 +90,7 @@ def main() -> int:
         if name == "torch" and precision == "fp32" and cuda:
 
             def with_tf32(x: torch.Tensor) -> torch.Tensor:
-                with tf32_allowed():
+                with cuda_fp32("tf32"):  # what the fp32 policy turns off
                     return classifier.to(args.device)(x.to(args.device))
 
             raw = parity(

@@ -23,8 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_memory import make_small_folder  # noqa: E402
 
 NUM_CPUS = 2
 
@@ -78,16 +79,6 @@ def compare_engines(methods: list[str], rounds: int) -> None:
         ray.shutdown()
 
 
-def make_folder(folder: Path, count: int) -> None:
-    """``count`` random 128x96 PNG files, a thousand per sub-folder."""
-    rng = np.random.default_rng(0)
-    for k in range(count):
-        sub = folder / f"{k // 1000:02d}"
-        sub.mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(sub / f"{k:05d}.png")
-
-
 def child(folder: str, out: str) -> None:
     from advpurify.pipeline.batch import PipelineOptions, plan_run
     from advpurify.pipeline.ray_engine import execute_ray, object_store_bytes
@@ -139,7 +130,7 @@ def measure_memory(small: int, large: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for count in (small, large):
             folder = Path(tmp) / f"in{count}"
-            make_folder(folder, count)
+            make_small_folder(folder, count)
             command = [sys.executable, __file__, "--child", str(folder), str(Path(tmp) / "o")]
             command[-1] += str(count)
             process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)

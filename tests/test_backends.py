@@ -39,7 +39,7 @@ from advpurify.runtime.ort import (
     ort_session,
     ort_trt_options,
 )
-from advpurify.runtime.precision import Float16, Float32LRN, ieee_fp32, to_half
+from advpurify.runtime.precision import Float16, Float32LRN, cuda_fp32, ieee_fp32, to_half
 from advpurify.runtime.tensorrt import EngineRunner, batch_plan
 
 HAS_CUDA = torch.cuda.is_available()
@@ -258,6 +258,15 @@ def test_fp32_policy_is_ieee_everywhere():
     assert getattr(matmul, "fp32_precision", None) == before  # restored
     options = cuda_provider_options(0, 12345)
     assert options["use_tf32"] == "0" and options["user_compute_stream"] == "12345"
+    # The same switch turns TF32 on (benchmarks/backend_parity.py measures what it costs).
+    with cuda_fp32("tf32"):
+        if hasattr(matmul, "fp32_precision"):
+            assert matmul.fp32_precision == "tf32"
+        else:
+            assert matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert getattr(matmul, "fp32_precision", None) == before
+    with pytest.raises(ValueError, match="ieee or tf32"), cuda_fp32("fp16"):
+        pass
 
 
 # ---------------------------------------------------------------- ORT CUDA stream order (item 2)

@@ -28,6 +28,14 @@ def _layers(path: Path) -> list:
     return read_prototxt(path).all("layer")
 
 
+def assert_conv_matches(conv: nn.Conv2d | nn.ConvTranspose2d, param, name: str) -> None:
+    """The layer's shape is the prototxt's ``convolution_param`` (Caffe's defaults filled in)."""
+    assert conv.out_channels == param.get1("num_output"), name
+    assert conv.kernel_size == (param.get1("kernel_size"),) * 2, name
+    assert conv.stride == (param.get1("stride", 1),) * 2, name
+    assert conv.padding == (param.get1("pad", 0),) * 2, name
+
+
 def test_generator_layers_match_generator_prototxt(data_dir: Path) -> None:
     layers = _layers(data_dir / "ppgn" / "generator.prototxt")
     weighted = [(x.get1("name"), x.get1("type")) for x in layers if x.get1("type") != "ReLU"]
@@ -42,12 +50,7 @@ def test_generator_layers_match_generator_prototxt(data_dir: Path) -> None:
             fc = getattr(model, name)
             assert fc.out_features == layer.get1("inner_product_param").get1("num_output")
         elif kind == "Deconvolution":
-            param = layer.get1("convolution_param")
-            conv: nn.ConvTranspose2d = getattr(model, name)
-            assert conv.out_channels == param.get1("num_output"), name
-            assert conv.kernel_size == (param.get1("kernel_size"),) * 2, name
-            assert conv.stride == (param.get1("stride", 1),) * 2, name
-            assert conv.padding == (param.get1("pad", 0),) * 2, name
+            assert_conv_matches(getattr(model, name), layer.get1("convolution_param"), name)
         elif kind == "ReLU":
             assert layer.get1("relu_param").get1("negative_slope") == NEGATIVE_SLOPE
         elif kind == "Reshape":
@@ -73,12 +76,8 @@ def test_encoder_layers_match_caffenet_prototxt(data_dir: Path) -> None:
         name, kind = layer.get1("name"), layer.get1("type")
         if kind == "Convolution":
             param = layer.get1("convolution_param")
-            conv: nn.Conv2d = getattr(model, name)
-            assert conv.out_channels == param.get1("num_output"), name
-            assert conv.kernel_size == (param.get1("kernel_size"),) * 2, name
-            assert conv.stride == (param.get1("stride", 1),) * 2, name
-            assert conv.padding == (param.get1("pad", 0),) * 2, name
-            assert conv.groups == param.get1("group", 1), name
+            assert_conv_matches(getattr(model, name), param, name)
+            assert getattr(model, name).groups == param.get1("group", 1), name
         elif kind == "Pooling":
             param = layer.get1("pooling_param")
             assert param.get1("pool") == "MAX"

@@ -41,23 +41,31 @@ def _new_api() -> bool:
 
 
 @contextlib.contextmanager
-def ieee_fp32() -> Iterator[None]:
-    """torch's CUDA matmuls and cuDNN convolutions in IEEE float32 (no TF32) inside."""
+def cuda_fp32(mode: str) -> Iterator[None]:
+    """torch's CUDA matmuls and cuDNN convolutions in ``mode`` ("ieee" or "tf32") inside."""
+    if mode not in ("ieee", "tf32"):
+        raise ValueError(f"fp32 mode {mode!r}: ieee or tf32")
     if _new_api():
         matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
         saved = (matmul.fp32_precision, conv.fp32_precision)
-        matmul.fp32_precision = conv.fp32_precision = "ieee"
+        matmul.fp32_precision = conv.fp32_precision = mode
         try:
             yield
         finally:
             matmul.fp32_precision, conv.fp32_precision = saved
         return
     saved_legacy = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    allow = mode == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_legacy
+
+
+def ieee_fp32() -> contextlib.AbstractContextManager[None]:
+    """IEEE float32 (no TF32) inside: the ``fp32`` policy."""
+    return cuda_fp32("ieee")
 
 
 @contextlib.contextmanager
