@@ -15,10 +15,11 @@ Each worker warms up with a 2-iteration fit of the same batch, then times ``--it
 Also printed: GFLOP/s of the step (convolutions and matrix products counted by
 ``torch.utils.flop_counter``) against ``torch.mm`` of 2048 x 2048 in the same run, and levers on
 one network's forward + backward: channels-last convolutions, and with ``--compile``
-``torch.compile`` (its compile time printed; outputs compared with eager).
+``torch.compile`` (its compile time printed; outputs compared with eager), with ``--bf16``
+bf16 autocast (gradients compared with float32).
 
     .venv/bin/python benchmarks/bench_dip.py [--size 224] [--iterations 20] [--batch 8] \
-        [--threads 2] [--rounds 3] [--compile] [--json out.json]
+        [--threads 2] [--rounds 3] [--compile] [--bf16] [--skip-fits] [--json out.json]
 """
 
 from __future__ import annotations
@@ -151,6 +152,14 @@ class OneNet:
         z = self.z if z is None else z
         return list(torch.autograd.grad(self.loss(self.params, z), list(self.params.values())))
 
+    def step_bf16(self) -> list[torch.Tensor]:
+        """The network under bf16 autocast (oneDNN's AMX kernels where the CPU has them);
+        weights, loss and gradients stay float32."""
+        with torch.autocast(self.z.device.type, dtype=torch.bfloat16):
+            out = functional_call(self.net, self.params, (self.z,))
+        loss = (out.float() - self.target).square().mean()
+        return list(torch.autograd.grad(loss, list(self.params.values())))
+
     def flops(self) -> int:
         counter = FlopCounterMode(display=False)
         with counter:
@@ -196,6 +205,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
     parser.add_argument("--skip-fits", action="store_true", help="levers only")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -254,6 +264,16 @@ def main() -> None:
     }
     if device.type == "cpu":
         levers["channels-last"] = lambda: timed(lambda: channels_last(one.step), device)
+    if args.bf16:
+        amx = device.type == "cpu" and torch.cpu._is_amx_tile_supported()
+        eager, low = one.step(), one.step_bf16()
+        flat32, flat16 = (
+            torch.cat([g.flatten() for g in eager]),
+            torch.cat([g.flatten() for g in low]),
+        )
+        diff = float((flat32 - flat16).norm() / flat32.norm())
+        print(f"bf16 autocast{' (AMX)' if amx else ''}: |grad diff| / |grad| {diff:.1e}")
+        levers["bf16 autocast"] = lambda: timed(one.step_bf16, device)
     compile_seconds = None
     if args.compile:
         grad_fn = torch.compile(torch.func.grad(one.loss))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -357,6 +358,7 @@ def test_bench_dip_times_every_configuration_in_its_own_process(tmp_path):
             "tiny",
             "--threads",
             "1",
+            "--bf16",
             "--json",
             str(out),
         ],
@@ -366,6 +368,7 @@ def test_bench_dip_times_every_configuration_in_its_own_process(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "after vs before, batch 2" in done.stdout and "of torch.mm" in done.stdout
+    assert re.search(r"bf16 autocast +[\d.]+ ms .* [\d.]+x eager", done.stdout), done.stdout
     times = json.loads(out.read_text())["times"]
     assert set(times) == {
         f"batch {b}, {c}" for b in (1, 2) for c in ("before", "after", "after, default heap")
