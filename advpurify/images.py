@@ -214,7 +214,7 @@ _ORIENTATION_OPS = {
     4: lambda a: a[::-1],
     5: lambda a: a.transpose(1, 0, 2),
     6: lambda a: np.rot90(a, -1),
-    7: lambda a: np.rot90(a, 1)[::-1],
+    7: lambda a: np.rot90(a, -1)[::-1],
     8: lambda a: np.rot90(a, 1),
 }
 

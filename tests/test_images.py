@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from advpurify.files import atomic_write_bytes, remove_stale_temporaries
 from advpurify.images import (
@@ -19,6 +19,7 @@ from advpurify.images import (
     find_images,
     load_image,
     save_image,
+    to_uint8,
 )
 
 
@@ -124,6 +125,19 @@ def test_exif_orientation_is_applied() -> None:
     image = decode_image(_pil_bytes(img, "JPEG", quality=100, exif=exif.tobytes()), "r.jpg")
     assert image.shape == (3, 4, 2)
     assert image[:, 0, 1].min() > 0.8  # the white corner is now at the top right
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(orientation: int) -> None:
+    # Distinct pixel values, a non-square image: any wrong flip or transpose shows.
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 14
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    data = _pil_bytes(img, "PNG", exif=exif.tobytes())
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+    image = decode_image(data, "o.png")
+    assert np.array_equal(to_uint8(image), expected)
 
 
 @pytest.mark.parametrize(
