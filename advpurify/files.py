@@ -12,8 +12,8 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
 from advpurify.errors import AdvpurifyError
@@ -96,6 +96,35 @@ def sha256_file(path: Path | str, algorithm: str = "sha256") -> str:
 def display_name(path: Path | str) -> str:
     """A printable form of a file name: undecodable bytes appear as ``\\xe9`` escapes."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def mirror_names(relative: Sequence[PurePath | str], ext: str) -> list[PurePath]:
+    """Output names for input paths (relative to their root) with the extension ``ext``:
+    ``a.jpg`` -> ``a.png``.
+
+    Where two inputs would land on one name (``a.jpg`` and ``a.png``), both keep their original
+    extension in front of the new one (``a.jpg.png``, ``a.png.png``). A name still shared after
+    that (``a.jpg.png`` is also an input) is refused, naming both inputs.
+    """
+    paths = [PurePath(r) for r in relative]
+    plain = [p.with_suffix(ext) for p in paths]
+    counts: dict[PurePath, int] = {}
+    for name in plain:
+        counts[name] = counts.get(name, 0) + 1
+    names = [
+        p.parent / (p.name + ext) if counts[name] > 1 else name
+        for p, name in zip(paths, plain, strict=True)
+    ]
+    owner: dict[PurePath, PurePath] = {}
+    for source, name in zip(paths, names, strict=True):
+        if name in owner:
+            first, second = display_name(owner[name]), display_name(source)
+            raise AdvpurifyError(
+                f"inputs {first} and {second} would both be written to {display_name(name)}: "
+                "rename one of them"
+            )
+        owner[name] = source
+    return names
 
 
 def _is_within(inner: Path, outer: Path) -> bool:

@@ -278,3 +278,81 @@ def test_console_script_exit_code(tmp_path, sample_paths):
     assert process.stderr.strip().splitlines() == [
         "error: eps=256: must be in (0, 255] (units of 1/255)"
     ]
+
+
+def test_stage_keeps_images_apart_when_names_differ_only_by_extension(tmp_path):
+    from advpurify.evaluation.stages import Stage
+
+    keys = ["cat.jpg", "cat.png", "sub/dog.jpg"]
+    shades = torch.tensor([0.0, 1.0, 0.5])
+
+    def compute(indices):
+        return shades[indices].view(-1, 1, 1, 1).expand(-1, 3, 4, 4).clone()
+
+    first = Stage(tmp_path / "stage", {"method": "x"}).run(keys, compute, batch_size=2)
+
+    def must_not_run(indices):
+        raise AssertionError(f"recomputed {indices}")
+
+    resumed = Stage(tmp_path / "stage", {"method": "x"}).run(keys, must_not_run, batch_size=2)
+    means = [float(image.float().mean()) for image in resumed]
+    assert means == [0.0, 255.0, 128.0]
+    assert torch.equal(first, resumed)
+    written = sorted(
+        p.relative_to(tmp_path / "stage/images").as_posix()
+        for p in (tmp_path / "stage/images").rglob("*.png")
+    )
+    assert written == ["cat.jpg.png", "cat.png.png", "sub/dog.png"]
+
+
+def test_attack_and_eval_keep_inputs_apart_that_differ_only_by_extension(tmp_path, sample_paths):
+    data = tmp_path / "in"
+    data.mkdir()
+    (data / "x.jpg").symlink_to(sample_paths[0])
+    (data / "x.png").symlink_to(sample_paths[1])
+    out = tmp_path / "adv"
+    result = invoke("attack", data, "-o", out, *LITE0, "--eps", "4")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.png")) == ["x.jpg.png", "x.png.png"]
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {Path(r["input"]).name: Path(r["output"]).name for r in records} == {
+        "x.jpg": "x.jpg.png",
+        "x.png": "x.png.png",
+    }
+    # Each adversarial image is compared with its own clean image's prediction.
+    per_image = tmp_path / "eval.csv"
+    result = invoke("eval", out, *LITE0, "--reference", data, "--csv", per_image)
+    assert result.exit_code == 0, result.output
+    with per_image.open() as handle:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
+    by_input = {Path(r["input"]).name: r for r in records}
+    assert int(rows["x.jpg.png"]["label"]) == by_input["x.jpg"]["clean_pred"]
+    assert int(rows["x.png.png"]["label"]) == by_input["x.png"]["clean_pred"]
+    assert by_input["x.jpg"]["clean_pred"] != by_input["x.png"]["clean_pred"]
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("a.png", 0),  # the same path
+        ("a.jpg.png", 1),  # named after a.jpg because a.png clashed
+        ("sub/b.png", 2),  # the only sub/b.*
+        ("c", 3),  # no extension at all
+    ],
+)
+def test_reference_images_are_matched_exactly_then_by_name(key, expected):
+    from advpurify.evaluation.accuracy import match_reference
+
+    ref = ["a.png", "a.jpg", "sub/b.jpg", "c.tif", "d.jpg", "d.png"]
+    assert match_reference([key], ref, Path("ref")) == [expected]
+
+
+def test_reference_matching_refuses_to_guess():
+    from advpurify.evaluation.accuracy import match_reference
+    from advpurify.evaluation.labels import LabelError
+
+    ref = ["d.jpg", "d.png"]
+    with pytest.raises(LabelError, match=r"d\.webp could be any of d\.jpg, d\.png"):
+        match_reference(["d.webp"], ref, Path("ref"))
+    with pytest.raises(LabelError, match="no image for e.png"):
+        match_reference(["e.png"], ref, Path("ref"))

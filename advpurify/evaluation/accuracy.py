@@ -173,16 +173,36 @@ def evaluate_folder(
 def reference_predictions(
     keys: Sequence[str], reference: Path, classifier: LoadedClassifier, batch_size: int = 32
 ) -> list[int]:
-    """The classifier's top-1 on the reference image of each key (matched without extension)."""
+    """The classifier's top-1 on the reference image of each key (see :func:`match_reference`)."""
     ref = load_dataset(reference, classifier.prepare, classifier.input_size)
-    by_stem = {_stem(key): i for i, key in enumerate(ref.keys())}
-    order = []
-    for key in keys:
-        if _stem(key) not in by_stem:
-            raise LabelError(f"reference {reference}: no image for {key}")
-        order.append(by_stem[_stem(key)])
+    order = match_reference(keys, ref.keys(), reference)
     logits = classifier.logits(ref.float_images(order), batch_size=batch_size)
     return [int(i) for i in logits.argmax(dim=1)]
+
+
+def match_reference(keys: Sequence[str], ref_keys: Sequence[str], reference: Path) -> list[int]:
+    """For each key, the index of its reference image: the same relative path; else the path
+    the output was named after (``a.jpg.png`` -> ``a.jpg``, as ``purify-batch`` names clashing
+    outputs); else the only reference image with the same path minus its extension (``a.png``
+    -> ``a.jpg``). Two candidates are refused rather than guessed."""
+    exact = {key: i for i, key in enumerate(ref_keys)}
+    by_stem: dict[str, list[int]] = {}
+    for i, key in enumerate(ref_keys):
+        by_stem.setdefault(_stem(key), []).append(i)
+    order = []
+    for key in keys:
+        if key in exact:
+            order.append(exact[key])
+        elif _stem(key) in exact:
+            order.append(exact[_stem(key)])
+        elif len(by_stem.get(_stem(key), [])) == 1:
+            order.append(by_stem[_stem(key)][0])
+        elif _stem(key) in by_stem:
+            names = ", ".join(ref_keys[i] for i in by_stem[_stem(key)])
+            raise LabelError(f"reference {reference}: {key} could be any of {names}")
+        else:
+            raise LabelError(f"reference {reference}: no image for {key}")
+    return order
 
 
 def _stem(key: str) -> str:

@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from advpurify.attacks import AttackConfig, attack
+from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk_predictions
 from advpurify.evaluation.dataset import load_dataset
 from advpurify.evaluation.labels import parse_label, resolve_labels
-from advpurify.files import atomic_write_bytes, check_output_outside
+from advpurify.files import atomic_write_bytes, check_output_outside, mirror_names
 from advpurify.images import OUTPUT_FORMATS, save_image
 from advpurify.models.classifiers import LoadedClassifier
 from advpurify.models.imagenet import class_name
@@ -47,8 +48,6 @@ def attack_folder(
 ) -> dict[str, Any]:
     """Attack every image under ``source`` (a folder or one file); returns a summary."""
     if fmt not in OUTPUT_FORMATS:
-        from advpurify.errors import AdvpurifyError
-
         raise AdvpurifyError(f"format {fmt!r}: use one of {', '.join(OUTPUT_FORMATS)}")
     config = config.resolved()
     out = Path(out)
@@ -57,6 +56,7 @@ def attack_folder(
     for failure in data.failures:
         log(f"skipped {failure.path}: {failure.reason}")
     keys = data.keys()
+    names = mirror_names(keys, OUTPUT_FORMATS[fmt])  # a clash is refused before any attack
     clean_logits = classifier.logits(data.float_images(), batch_size=batch_size)
     check_num_classes(clean_logits, classifier.name)
     clean_preds = topk_predictions(clean_logits, 5)
@@ -84,8 +84,8 @@ def attack_folder(
 
     out.mkdir(parents=True, exist_ok=True)
     records = []
-    for i, key in enumerate(keys):
-        target_path = out / Path(key).with_suffix(OUTPUT_FORMATS[fmt])
+    for i, name in enumerate(names):
+        target_path = out / name
         save_image(adv[i], target_path, fmt=fmt)
         record = {
             "input": str(data.paths[i]),

@@ -20,7 +20,7 @@ import torch
 
 from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.dataset import to_float, to_uint8
-from advpurify.files import atomic_write_bytes, refuse_other_settings
+from advpurify.files import atomic_write_bytes, mirror_names, refuse_other_settings
 from advpurify.images import load_image, save_image
 
 
@@ -47,8 +47,10 @@ class Stage:
         if not config_path.is_file():
             atomic_write_bytes(config_path, _dump(self.config).encode())
 
-    def path(self, key: str) -> Path:
-        return self.folder / "images" / Path(key).with_suffix(".png")
+    def paths(self, keys: Sequence[str]) -> list[Path]:
+        """Each image's PNG, named as ``purify-batch`` names outputs: ``a.jpg`` -> ``a.png``,
+        and ``a.jpg.png`` / ``a.png.png`` where ``a.jpg`` and ``a.png`` are both inputs."""
+        return [self.folder / "images" / name for name in mirror_names(keys, ".png")]
 
     def _timing(self) -> dict[str, float]:
         path = self.folder / "timing.json"
@@ -74,8 +76,8 @@ class Stage:
         """
         outputs: list[torch.Tensor | None] = [None] * len(keys)
         missing = []
-        for i, key in enumerate(keys):
-            path = self.path(key)
+        paths = self.paths(keys)
+        for i, path in enumerate(paths):
             if path.is_file():
                 outputs[i] = to_uint8(load_image(path))
             else:
@@ -92,7 +94,7 @@ class Stage:
             seconds = time.perf_counter() - began
             result = to_uint8(result.detach().cpu())
             for index, image in zip(chunk, result, strict=True):
-                save_image(to_float(image), self.path(keys[index]), fmt="png")
+                save_image(to_float(image), paths[index], fmt="png")
                 outputs[index] = image
             timing = self._timing()
             timing["seconds"] += seconds

@@ -20,7 +20,7 @@ from advpurify.files import (
     check_input_folder,
     check_output_outside,
     check_writable_folder,
-    display_name,
+    mirror_names,
     refuse_other_settings,
     remove_stale_temporaries,
 )
@@ -153,32 +153,10 @@ def check_folders(input_dir: Path, output_dir: Path) -> None:
 
 
 def output_paths(inputs: list[Path], input_dir: Path, output_dir: Path, fmt: str) -> list[Path]:
-    """Mirror the input tree; the extension becomes the output format's (``a.jpg`` -> ``a.png``).
-
-    Where two inputs would land on one output (``a.jpg`` and ``a.png``), both keep their
-    original extension in front of the new one (``a.jpg.png``, ``a.png.png``). A name still
-    shared after that (``a.jpg.png`` is also an input) is refused, naming both inputs.
-    """
-    ext = OUTPUT_FORMATS[fmt]
+    """Mirror the input tree; the extension becomes the output format's (``a.jpg`` -> ``a.png``,
+    both of ``a.jpg`` and ``a.png`` -> ``a.jpg.png`` and ``a.png.png``: see ``mirror_names``)."""
     relative = [p.relative_to(input_dir) for p in inputs]
-    plain = [r.with_suffix(ext) for r in relative]
-    counts: dict[Path, int] = {}
-    for p in plain:
-        counts[p] = counts.get(p, 0) + 1
-    names = [
-        r.parent / (r.name + ext) if counts[p] > 1 else p
-        for r, p in zip(relative, plain, strict=True)
-    ]
-    owner: dict[Path, Path] = {}
-    for source, name in zip(relative, names, strict=True):
-        if name in owner:
-            first, second = display_name(owner[name]), display_name(source)
-            raise AdvpurifyError(
-                f"inputs {first} and {second} would both be written to {display_name(name)}: "
-                "rename one of them"
-            )
-        owner[name] = source
-    return [output_dir / name for name in names]
+    return [output_dir / name for name in mirror_names(relative, OUTPUT_FORMATS[fmt])]
 
 
 def check_finite(config: Any, where: str = "") -> None:
