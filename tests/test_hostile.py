@@ -30,6 +30,7 @@ from advpurify.pipeline import local, manifest
 from advpurify.pipeline.batch import (
     LOCK_FILE,
     MANIFEST,
+    OutputLock,
     PipelineOptions,
     Record,
     run_pipeline,
@@ -348,17 +349,109 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path: Path) -> None:
     src.mkdir()
     (src / "a.png").write_bytes(_png())
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    hold = (
+        "import sys, time\n"
+        "from advpurify.pipeline.lock import OutputLock\n"
+        "OutputLock.acquire(sys.argv[1])\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE)
     try:
-        lock = {"pid": holder.pid, "host": socket.gethostname()}
-        (out / LOCK_FILE).write_text(json.dumps(lock))
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
         with pytest.raises(AdvpurifyError, match=f"in use by another run \\(pid {holder.pid} on"):
             run_pipeline(src, out, create_purifier("bitdepth"))
     finally:
+        holder.kill()  # no clean-up: the lock file stays, naming a dead process
+        holder.wait()
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == holder.pid
+    summary = run_pipeline(src, out, create_purifier("bitdepth"))  # nobody holds it: taken over
+    assert summary.done == 1 and not (out / LOCK_FILE).exists()
+
+
+def test_a_lock_taken_but_not_yet_written_is_refused(tmp_path: Path) -> None:
+    # The owner between taking the lock and writing its pid: the file is empty, yet held.
+    out = tmp_path / "out"
+    out.mkdir()
+    hold = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    command = [sys.executable, "-c", hold, str(out / LOCK_FILE)]
+    holder = subprocess.Popen(command, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        with pytest.raises(AdvpurifyError, match="in use by another run: wait"):
+            OutputLock.acquire(out)
+        assert (out / LOCK_FILE).read_bytes() == b""  # not taken over, not rewritten
+    finally:
         holder.kill()
         holder.wait()
-    summary = run_pipeline(src, out, create_purifier("bitdepth"))  # the owner is dead: taken over
-    assert summary.done == 1 and not (out / LOCK_FILE).exists()
+
+
+def test_a_lock_file_from_another_host_is_refused(tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(_png())
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere.example"}))
+    with pytest.raises(AdvpurifyError, match="in use by a run on elsewhere.example"):
+        run_pipeline(src, out, create_purifier("bitdepth"))
+
+
+CONTENDER = """
+import sys
+from advpurify.errors import AdvpurifyError
+from advpurify.pipeline.lock import OutputLock
+print("ready", flush=True)
+sys.stdin.readline()  # go: every contender tries at the same instant
+try:
+    lock = OutputLock.acquire(sys.argv[1])
+except AdvpurifyError:
+    print("refused", flush=True)
+else:
+    print("won", flush=True)
+    sys.stdin.readline()  # held until every contender has tried
+    lock.release()
+"""
+
+
+def test_exactly_one_of_many_simultaneous_runs_takes_the_lock(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for stale in (False, True):
+        folder = tmp_path / str(stale)
+        folder.mkdir()
+        if stale:  # a lock file left by a crash: taken over by exactly one
+            stale = {"pid": dead.pid, "host": socket.gethostname()}
+            (folder / LOCK_FILE).write_text(json.dumps(stale))
+        contenders = [
+            subprocess.Popen(
+                [sys.executable, "-c", CONTENDER, str(folder)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        try:
+            for c in contenders:
+                assert c.stdout is not None and c.stdout.readline() == "ready\n"
+            for c in contenders:
+                assert c.stdin is not None
+                c.stdin.write("go\n")
+                c.stdin.flush()
+            results = sorted(c.stdout.readline().strip() for c in contenders)  # type: ignore[union-attr]
+            assert results == ["refused", "refused", "refused", "won"], stale
+            for c in contenders:
+                c.communicate("release\n", timeout=30)
+        finally:
+            for c in contenders:
+                c.kill()
+        assert not (folder / LOCK_FILE).exists()
 
 
 # Ctrl-C ----------------------------------------------------------------------------------
