@@ -271,3 +271,24 @@ def test_labels_outside_the_1000_classes_are_refused(tmp_path, value, match):
     with pytest.raises(LabelError, match=match) as info:
         read_labels_csv(csv_path)
     assert "line 2" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\xef\xbb\xbfa.jpg,1\nb.jpg,2\n",  # Excel's "CSV UTF-8": a byte-order mark first
+        b"\xef\xbb\xbfpath,label\na.jpg,1\nb.jpg,2\n",
+        b"# exported 2026-11-26\npath,label\na.jpg,1\nb.jpg,2\n",  # a header after a comment
+    ],
+)
+def test_labels_csv_with_a_bom_or_a_commented_header(tmp_path, content):
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_bytes(content)
+    assert read_labels_csv(csv_path) == {"a.jpg": 1, "b.jpg": 2}
+
+
+def test_labels_csv_header_only_before_the_first_label(tmp_path):
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("a.jpg,1\npath,label\n")
+    with pytest.raises(LabelError, match="line 2"):
+        read_labels_csv(csv_path)

@@ -65,16 +65,20 @@ def read_labels_csv(csv_path: Path) -> dict[str, int]:
     if not csv_path.is_file():
         raise LabelError(f"labels file {csv_path}: not found")
     labels: dict[str, int] = {}
-    # surrogateescape: a file name that is not UTF-8 keeps its bytes and matches the file.
-    with csv_path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark. surrogateescape: a file
+    # name that is not UTF-8 keeps its bytes and matches the file.
+    with csv_path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+        first = True
         for line_no, row in enumerate(csv.reader(handle), start=1):
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
             if len(row) < 2:
                 raise LabelError(f"labels file {csv_path}, line {line_no}: expected path,label")
             path, value = row[0].strip(), row[1].strip()
-            if line_no == 1 and not value.isdigit() and not WNID_PATTERN.fullmatch(value):
-                continue  # a header line
+            header = first and not value.isdigit() and not WNID_PATTERN.fullmatch(value)
+            first = False
+            if header:
+                continue  # a header: the first row, after any comments
             labels[path] = parse_label(value, f"labels file {csv_path}, line {line_no}")
     if not labels:
         raise LabelError(f"labels file {csv_path}: no labels in it")
