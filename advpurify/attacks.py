@@ -61,12 +61,12 @@ class AttackConfig:
             steps, step_size, random_start = 1, eps, False
         elif name == "ifgsm":
             # Kurakin et al. 2017: alpha = 1/255, min(eps + 4, 1.25 eps) iterations.
-            steps = self.steps or int(math.ceil(min(eps + 4, 1.25 * eps)))
+            steps = math.ceil(min(eps + 4, 1.25 * eps)) if self.steps is None else self.steps
             step_size = self.step_size if self.step_size is not None else 1.0
             random_start = bool(self.random_start)
         else:  # pgd (Madry et al. 2018): random start, alpha = 2.5 eps / steps
-            steps = self.steps or 10
-            step_size = self.step_size if self.step_size is not None else 2.5 * eps / steps
+            steps = 10 if self.steps is None else self.steps
+            step_size = self.step_size if self.step_size is not None else 2.5 * eps / max(steps, 1)
             random_start = True if self.random_start is None else self.random_start
         if steps < 1:
             raise AttackError(f"steps={steps}: must be >= 1")

@@ -101,6 +101,8 @@ def test_targeted_attack_reaches_its_target(lite0, correct_subset):
         (AttackConfig("fgsm", -1), "eps=-1"),
         (AttackConfig("deepfool", 8), "unknown attack 'deepfool'"),
         (AttackConfig("pgd", 8, eot=0), "eot"),
+        (AttackConfig("pgd", 8, steps=0), "steps=0: must be >= 1"),  # not the default 10
+        (AttackConfig("ifgsm", 8, steps=0), "steps=0: must be >= 1"),
     ],
 )
 def test_bad_attack_settings(config, match):
