@@ -21,6 +21,10 @@ class DuplicateNameError(AdvpurifyError, ValueError):
     """A name registered twice in the same registry."""
 
 
+class InvalidNameError(AdvpurifyError, ValueError):
+    """A name that cannot be registered: empty, or with white space in it."""
+
+
 class UnknownNameError(AdvpurifyError, KeyError):
     """A name no entry is registered under."""
 
@@ -37,12 +41,26 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
 
     def register(self, name: str, entry: T) -> T:
-        if not name or name != name.strip():
-            raise ValueError(f"{self.kind} name {name!r}: must be non-empty, without spaces")
-        if name in self._entries:
-            raise DuplicateNameError(f"{self.kind} {name!r} is already registered")
+        self.check_free([name])
         self._entries[name] = entry
         return entry
+
+    def check_free(self, names: list[str]) -> None:
+        """Raise unless every name is valid, not yet registered and given once: what
+        registering them all would check, before anything is registered."""
+        for name in names:
+            if not name or any(c.isspace() for c in name):
+                raise InvalidNameError(
+                    f"{self.kind} name {name!r}: must be non-empty, without spaces"
+                )
+        taken = [name for name in names if name in self._entries]
+        if taken:
+            quoted = ", ".join(map(repr, taken))
+            raise DuplicateNameError(f"{self.kind} {quoted} is already registered")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            quoted = ", ".join(map(repr, repeated))
+            raise DuplicateNameError(f"{self.kind} {quoted} is given twice")
 
     def unregister(self, name: str) -> None:
         """Remove ``name`` (tests that register a temporary entry clean up with this)."""

@@ -10,10 +10,10 @@ from torchvision.models import GoogLeNet_Weights
 
 from advpurify.models.classifiers import build_classifier, classifier_spec
 from advpurify.models.registry import get_model, list_models
-from advpurify.models.spec import ModelSpec, register_model
+from advpurify.models.spec import MODELS, ModelSpec, register_model
 from advpurify.purifiers import PURIFIERS, ParamError, Purifier, create_purifier, list_purifiers
 from advpurify.purifiers.base import register
-from advpurify.registry import DuplicateNameError, Registry, UnknownNameError
+from advpurify.registry import DuplicateNameError, InvalidNameError, Registry, UnknownNameError
 from advpurify.weights import WeightsError, register_source, sources_for
 from advpurify.weights.manager import entries
 
@@ -27,6 +27,35 @@ def test_registry_refuses_duplicates_and_lists_known_names():
     assert things.get("a") == 1 and things.names() == ["a", "b"]
     with pytest.raises(UnknownNameError, match=r"unknown thing 'c' \(known: a, b\)"):
         things.get("c")
+
+
+@pytest.mark.parametrize("name", ["", " a", "a b", "a\tb"])
+def test_registry_refuses_empty_names_and_names_with_spaces(name):
+    things: Registry[int] = Registry("thing")
+    with pytest.raises(InvalidNameError, match="must be non-empty, without spaces"):
+        things.register(name, 1)
+    assert len(things) == 0
+
+
+def test_a_refused_model_spec_leaves_nothing_registered():
+    original = get_model("deepsim-fc6")
+    spec = dataclasses.replace(
+        original, name="my-net", aliases=("my-alias",), weights_name=original.cache_name
+    )
+    # The name and alias are free, the weight source's name is not.
+    with pytest.raises(DuplicateNameError, match="weight source 'deepsim-fc6-caffe'"):
+        register_model(spec)
+    assert "my-net" not in list_models() and "my-alias" not in MODELS
+    with pytest.raises(DuplicateNameError, match="model 'twice' is given twice"):
+        register_model(dataclasses.replace(spec, name="twice", aliases=("twice",), sources=()))
+    assert "twice" not in MODELS
+    fixed = dataclasses.replace(spec, sources=())
+    try:
+        assert register_model(fixed) is fixed  # the corrected retry goes through
+        assert get_model("my-alias") is fixed
+    finally:
+        MODELS.unregister("my-net")
+        MODELS.unregister("my-alias")
 
 
 def test_a_second_purifier_with_a_taken_name_raises():

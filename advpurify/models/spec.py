@@ -16,8 +16,13 @@ from collections.abc import Callable
 from torch import nn
 
 from advpurify.errors import AdvpurifyError
-from advpurify.registry import DuplicateNameError, Registry
-from advpurify.weights.registry import Source, describe_model, register_source
+from advpurify.registry import Registry
+from advpurify.weights.registry import (
+    Source,
+    check_sources_free,
+    describe_model,
+    register_source,
+)
 
 OUTPUTS = ("logits", "image", "features")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,10 +100,10 @@ MODELS: Registry[ModelSpec] = Registry("model", error=UnknownModelError)
 
 def register_model(spec: ModelSpec) -> ModelSpec:
     """Make ``spec`` known by its name and aliases, and its weight sources to the cache."""
-    names = (spec.name, *spec.aliases)
-    taken = [name for name in names if name in MODELS]
-    if taken:
-        raise DuplicateNameError(f"model {', '.join(map(repr, taken))} is already registered")
+    # Everything checked before anything is registered: a refused spec leaves no trace.
+    names = [spec.name, *spec.aliases]
+    MODELS.check_free(names)
+    check_sources_free(spec.sources)
     for name in names:
         MODELS.register(name, spec)
     if spec.sources:

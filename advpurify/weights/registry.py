@@ -14,7 +14,7 @@ when its module is imported. This package never imports models.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -70,6 +70,11 @@ _DESCRIPTIONS: dict[str, str] = {}
 def register_source(source: Source) -> Source:
     """Add a source; a second source with the same name raises."""
     return SOURCES.register(source.name, source)
+
+
+def check_sources_free(sources: Sequence[Source]) -> None:
+    """Raise if registering these sources would: a name taken, or given twice."""
+    SOURCES.check_free([source.name for source in sources])
 
 
 def unregister_source(name: str) -> None:
