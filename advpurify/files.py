@@ -50,7 +50,7 @@ def atomic_output(path: Path | str, root: Path | str | None = None) -> Iterator[
     _check_inside(path, top)  # before mkdir, which would follow a symlinked folder
     path.parent.mkdir(parents=True, exist_ok=True)
     _check_inside(path, top)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=_temp_prefix(path.name), suffix=TEMP_SUFFIX, dir=path.parent)
     tmp = Path(name)
     try:
         os.fchmod(fd, FILE_MODE)
@@ -61,6 +61,18 @@ def atomic_output(path: Path | str, root: Path | str | None = None) -> Iterator[
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+# A file name holds at most 255 bytes on common file systems; the temporary adds 18 to its
+# target's (".", ".", 8 random characters, ".partial"), so long targets are cut in its name.
+_NAME_MAX = 255
+_TEMP_EXTRA = 2 + 8 + len(TEMP_SUFFIX)
+
+
+def _temp_prefix(name: str) -> str:
+    # A cut inside a multi-byte character leaves bytes that fsdecode keeps as surrogate escapes:
+    # they are written to disk as the same bytes, and only this temporary carries them.
+    return f".{os.fsdecode(os.fsencode(name)[: _NAME_MAX - _TEMP_EXTRA])}."
 
 
 def atomic_write_bytes(path: Path | str, data: bytes, root: Path | str | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import cv2
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from advpurify.files import atomic_write_bytes, remove_stale_temporaries
+from advpurify.files import atomic_output, atomic_write_bytes, remove_stale_temporaries
 from advpurify.images import (
     ImageDecodeError,
     decode_image,
@@ -184,6 +185,22 @@ def test_atomic_write_leaves_no_temporary_and_replaces(tmp_path: Path) -> None:
     atomic_write_bytes(target, b"second")
     assert target.read_bytes() == b"second"
     assert [p.name for p in target.parent.iterdir()] == ["out.png"]
+
+
+@pytest.mark.parametrize("stem", ["x" * 251, "é" * 125, "é" * 124 + "xx"])
+def test_atomic_write_of_the_longest_names(tmp_path: Path, stem: str) -> None:
+    # 254-255 bytes: the temporary's name is cut (here inside a two-byte character, too).
+    target = tmp_path / f"{stem}.png"
+    atomic_write_bytes(target, b"data")
+    assert target.read_bytes() == b"data" and len(list(tmp_path.iterdir())) == 1
+
+    with pytest.raises(KeyboardInterrupt), atomic_output(target) as tmp:
+        temporary = tmp.name
+        raise KeyboardInterrupt
+    (tmp_path / temporary).write_bytes(b"half")  # what a kill -9 mid-write would leave
+    assert len(os.fsencode(temporary)) <= 255
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
 def test_failed_write_cleans_up_and_stale_temporaries_are_removed(tmp_path: Path) -> None:
