@@ -18,6 +18,7 @@ from advpurify.cli import app
 from advpurify.evaluation.classify import Preprocess, classify_paths, iter_batches
 from advpurify.export.bench import bench, bench_eval, time_batches
 from advpurify.images import load_image
+from advpurify.models.classifiers import resize_center_crop
 from advpurify.models.registry import register_exportable
 
 KEYS = {"model", "backend", "batch_size", "precision", "p50_ms", "p95_ms", "images_per_s"}
@@ -144,6 +145,32 @@ def test_unusual_files_take_the_exact_path(tmp_path):
     # Transparent pixels become white, as advpurify.images composites them.
     assert torch.allclose(prepare(rgba), torch.ones(3, 224, 224))
     assert prepare(cmyk).shape == (3, 224, 224)
+
+
+def test_fast_path_refuses_corrupt_jpegs_and_leaves_16_bit_pngs_to_the_exact_path(tmp_path):
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    smooth = cv2.resize(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8), (320, 240))
+    good = tmp_path / "good.jpg"
+    Image.fromarray(smooth).save(good, quality=90)
+    data = bytearray(good.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 300] = rng.integers(0, 256, 300, np.uint8).tobytes()
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(bytes(data))  # Pillow decodes it without complaint; libjpeg warns
+    deep = tmp_path / "deep.png"
+    cv2.imwrite(str(deep), rng.integers(0, 65536, (240, 320, 3), dtype=np.uint16))
+
+    prepare = Preprocess(256, 224)
+    assert prepare._fast(good) is not None
+    assert prepare._fast(corrupt) is None and prepare._fast(deep) is None
+    exact = resize_center_crop(load_image(deep)[None], 256, 224, "bilinear")[0]
+    assert torch.equal(prepare(deep), exact)  # all 16 bits, as purify-batch reads them
+    result = classify_paths([good, corrupt, deep], lambda x: x.mean((2, 3)), prepare)
+    assert result.paths == [good, deep]
+    assert [f[0] for f in result.failures] == [corrupt] and "Corrupt JPEG" in result.failures[0][1]
 
 
 def test_iter_batches_keeps_order_and_reports_failures(tmp_path, sample_paths):

@@ -211,3 +211,16 @@ def test_failed_write_cleans_up_and_stale_temporaries_are_removed(tmp_path: Path
     (tmp_path / ".notes.partial").write_text("a user file")  # not ours: kept
     assert remove_stale_temporaries(tmp_path) == 1
     assert [p.name for p in tmp_path.iterdir()] == [".notes.partial"]
+
+
+def test_strict_jpeg_decode_gives_pillows_pixels(sample_paths: list[Path]) -> None:
+    from advpurify.images import decode_jpeg_rgb
+
+    grey = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56), np.uint8), "L")
+    photos = [p.read_bytes() for p in sample_paths] + [_pil_bytes(grey, "JPEG", quality=90)]
+    for data in photos:
+        with Image.open(io.BytesIO(data)) as img:
+            expected = np.asarray(img.convert("RGB"))
+        assert np.array_equal(decode_jpeg_rgb(data), expected)
+    with pytest.raises(ValueError, match="libjpeg"):
+        decode_jpeg_rgb(photos[0][: len(photos[0]) // 2])
