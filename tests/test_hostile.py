@@ -344,6 +344,42 @@ def test_labels_csv_with_undecodable_names_matches_the_files(tmp_path: Path) -> 
 
 
 # 11 --------------------------------------------------------------------------------------
+def test_an_interrupted_overwrite_is_finished_by_a_plain_resume(tmp_path: Path) -> None:
+    import threading
+
+    src, out, ref = tmp_path / "in", tmp_path / "out", tmp_path / "ref"
+    src.mkdir()
+    n = 24  # more than a run has in flight when it stops
+    for k in range(n):
+        (src / f"{k:02d}.png").write_bytes(_png((48, 40), seed=k))
+    one = PipelineOptions(batch_size=1, workers=1)
+    assert run_pipeline(src, out, create_purifier("rescale"), one).done == n
+    old = {p.name: p.read_bytes() for p in out.glob("*.png")}
+
+    # --overwrite with new settings, stopped after 3 images (a Ctrl-C, or a crash).
+    stop = threading.Event()
+
+    def after_three(record: Record) -> None:
+        if sum(1 for p in out.glob("*.png") if p.read_bytes() != old[p.name]) >= 3:
+            stop.set()
+
+    median = create_purifier("median", kernel=5)
+    overwrite = PipelineOptions(batch_size=1, workers=1, overwrite=True)
+    first = run_pipeline(src, out, median, overwrite, on_progress=after_three, stop=stop)
+    assert 3 <= first.done < n and json.loads((out / "run.json").read_text())["overwriting"]
+
+    # The same settings without --overwrite: the old outputs are redone, the new ones kept.
+    resumed = run_pipeline(src, out, median, one)
+    assert (resumed.done, resumed.skipped) == (n - first.done, first.done)
+    assert "overwriting" not in json.loads((out / "run.json").read_text())
+    assert run_pipeline(src, ref, median, one).done == n
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == {
+        p.name: p.read_bytes() for p in ref.glob("*.png")
+    }
+    again = run_pipeline(src, out, median, one)  # finished: nothing is redone
+    assert (again.done, again.skipped) == (0, n)
+
+
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path: Path) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

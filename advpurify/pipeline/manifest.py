@@ -175,7 +175,7 @@ class RunRecorder:
             if folder != root and root not in folder.parents:
                 reason = f"output folder {dst.parent} leads outside {plan.output_dir} (a symlink)"
                 self.report(Record(str(src), None, "failed", reason=reason))
-            elif dst.exists() and not plan.options.overwrite:
+            elif plan.is_done(dst):
                 self.report(Record(str(src), str(dst), "skipped"))
             else:
                 rel = src.relative_to(plan.input_dir).as_posix()
@@ -184,6 +184,11 @@ class RunRecorder:
 
     def finish(self, untouched: int = 0) -> RunSummary:
         self._manifest.close()
+        summary = self.summary
+        if not (untouched or summary.failed or summary.stopped):
+            # An overwrite is finished only when every image was redone; until then a resume
+            # redoes the outputs older than it (failed ones keep their old output meanwhile).
+            self.plan.finish_overwrite()
         self.summary.untouched = untouched
         self.summary.seconds = time.perf_counter() - self._started
         return self.summary

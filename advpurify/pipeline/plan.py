@@ -123,6 +123,25 @@ class RunPlan:
     options: PipelineOptions
     pairs: list[tuple[Path, Path]]  # (input file, output file)
     lock: OutputLock | None = None
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stale_before: int | None = None
+    """While an ``--overwrite`` is unfinished: outputs modified before this (ns) are stale."""
+
+    def is_done(self, target: Path) -> bool:
+        """Whether ``target`` holds an output of this run's settings (a resume skips it)."""
+        try:
+            modified = target.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+        if self.options.overwrite:
+            return False
+        return self.stale_before is None or modified >= self.stale_before
+
+    def finish_overwrite(self) -> None:
+        """Every image was redone: older outputs no longer exist, run.json drops the mark."""
+        if self.stale_before is not None:
+            write_run_file(self.output_dir, self.config)
+            self.stale_before = None
 
     def close(self) -> None:
         """Release the output folder's lock (the engine calls this when the run ends)."""
@@ -198,19 +217,38 @@ def run_config(purifier: Purifier, options: PipelineOptions) -> dict[str, Any]:
     return config
 
 
-def prepare_run_file(output_dir: Path, config: dict[str, Any], overwrite: bool) -> None:
-    """Record what produced the outputs; a resume with other settings is refused."""
+OVERWRITING = "overwriting"
+"""run.json's mark of an ``--overwrite`` run not yet finished: older outputs are stale."""
+
+
+def prepare_run_file(output_dir: Path, config: dict[str, Any], overwrite: bool) -> int | None:
+    """Record what produced the outputs; a resume with other settings is refused.
+
+    ``--overwrite`` marks ``run.json`` as overwriting until a run finishes every image: a
+    resume of an interrupted overwrite then redoes each output older than that ``run.json``
+    (made with the previous settings) and keeps the newer ones. Returns that time (ns) while
+    an overwrite is unfinished, else None.
+    """
     run_file = output_dir / RUN_FILE
     if run_file.exists() and not overwrite:
         try:
             previous = json.loads(run_file.read_text())
         except (OSError, ValueError) as error:
             raise AdvpurifyError(f"{run_file}: unreadable ({error}); use --overwrite") from None
-        stored = {k: v for k, v in previous.items() if k != "version"}
+        stored = {k: v for k, v in previous.items() if k not in ("version", OVERWRITING)}
         refuse_other_settings(output_dir, stored, config)
+        if previous.get(OVERWRITING):
+            return run_file.stat().st_mtime_ns  # left as it is: the time stays the mark
+    write_run_file(output_dir, config, overwriting=overwrite)
+    return run_file.stat().st_mtime_ns if overwrite else None
+
+
+def write_run_file(output_dir: Path, config: dict[str, Any], overwriting: bool = False) -> None:
     body = dict(config, version=__version__)
+    if overwriting:
+        body[OVERWRITING] = True
     text = json.dumps(body, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    atomic_write_bytes(run_file, text.encode())
+    atomic_write_bytes(output_dir / RUN_FILE, text.encode())
 
 
 def plan_run(
@@ -241,9 +279,9 @@ def plan_run(
     output_dir.mkdir(parents=True, exist_ok=True)
     lock = OutputLock.acquire(output_dir)
     try:
-        prepare_run_file(output_dir, config, options.overwrite)
+        stale_before = prepare_run_file(output_dir, config, options.overwrite)
         remove_stale_temporaries(output_dir)
     except BaseException:
         lock.release()
         raise
-    return RunPlan(input_dir, output_dir, purifier, options, pairs, lock)
+    return RunPlan(input_dir, output_dir, purifier, options, pairs, lock, config, stale_before)
