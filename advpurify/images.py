@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 
 import cv2
@@ -74,10 +75,42 @@ def image_size(path: Path | str) -> tuple[int, int] | None:
     """``(width, height)`` from the file's header alone (nothing decoded); None where it cannot
     be read (decoding the file then reports why)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None  # a FIFO would block the caller, a device never end
         with Image.open(path) as img:
             return img.size
     except Exception:  # noqa: BLE001 - any unreadable file: decoding names the reason
         return None
+
+
+def read_image_file(path: Path | str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> bytes:
+    """The bytes of a regular file (links followed), refused without reading where it is a
+    FIFO, device or socket, or larger than any encoding of ``max_pixels`` pixels could be."""
+    path = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO with no writer would otherwise wait forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise ImageDecodeError(path, f"cannot read file ({error.strerror or error})") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDecodeError(path, "not a regular file (a FIFO, device or socket)")
+        if max_pixels is not None and info.st_size > _MAX_BYTES_PER_PIXEL * max_pixels + _SLACK:
+            raise ImageDecodeError(
+                path,
+                f"refused: {info.st_size} bytes is more than an image within the per-image "
+                f"limit of {max_pixels} pixels can take (--max-image-pixels)",
+            )
+        try:
+            return handle.read()
+        except OSError as error:
+            raise ImageDecodeError(path, f"cannot read file ({error.strerror or error})") from None
+
+
+# 16-bit RGBA stored raw takes 8 bytes per pixel; the slack covers headers and metadata.
+_MAX_BYTES_PER_PIXEL = 8
+_SLACK = 64 << 20
 
 
 def load_image(
@@ -88,11 +121,7 @@ def load_image(
     An image above ``max_pixels`` (from its header) is refused before it is decoded.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ImageDecodeError(path, f"cannot read file ({error.strerror or error})") from None
-    return decode_image(data, path, background, max_pixels)
+    return decode_image(read_image_file(path, max_pixels), path, background, max_pixels)
 
 
 def decode_image(

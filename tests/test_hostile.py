@@ -380,6 +380,28 @@ def test_an_interrupted_overwrite_is_finished_by_a_plain_resume(tmp_path: Path) 
     assert (again.done, again.skipped) == (0, n)
 
 
+def test_fifos_and_devices_fail_alone_without_blocking_or_reading(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(_png())
+    os.mkfifo(src / "fifo.png")  # opening it for reading would wait for a writer forever
+    (src / "zero.png").symlink_to("/dev/zero")  # reading it would never end
+    summary = run_pipeline(src, tmp_path / "out", create_purifier("bitdepth"))
+    assert (summary.done, summary.failed) == (1, 2)
+    reasons = {Path(f.input).name: f.reason for f in summary.failures}
+    assert reasons == {n: "not a regular file (a FIFO, device or socket)" for n in reasons}
+    assert sorted(reasons) == ["fifo.png", "zero.png"]
+
+
+def test_a_file_larger_than_any_image_within_the_limit_is_not_read(tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    with big.open("wb") as handle:  # sparse: 100 MB that take no disk
+        handle.write(_png())
+        handle.truncate(100_000_000)
+    with pytest.raises(ImageDecodeError, match="100000000 bytes is more than an image"):
+        load_image(big, max_pixels=1_000_000)
+
+
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path: Path) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

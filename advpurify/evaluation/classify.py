@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from advpurify.errors import AdvpurifyError
-from advpurify.images import decode_jpeg_rgb, load_image
+from advpurify.images import decode_jpeg_rgb, load_image, read_image_file
 from advpurify.models.classifiers import resize_center_crop, resize_crop_box
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -61,7 +61,7 @@ class Preprocess:
 
     def _fast(self, path: Path) -> torch.Tensor | None:
         try:
-            data = path.read_bytes()
+            data = read_image_file(path)
             with Image.open(io.BytesIO(data)) as img:
                 plain = img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L")
                 if not plain or img.getexif().get(0x0112, 1) != 1 or "transparency" in img.info:
@@ -95,7 +95,7 @@ class Preprocess:
                 else:
                     img = img.crop((left, top, left + self.crop_size, top + self.crop_size))
                 array = np.asarray(img)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        except (AdvpurifyError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
             return None  # the exact path decodes again and names the problem
         # numpy, not torch: small torch ops in reader threads each start an OpenMP parallel
         # region that competes with inference for the cores (14 ms per op under load, here).
