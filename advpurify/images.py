@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import zlib
 from pathlib import Path
 
 import cv2
@@ -141,6 +142,8 @@ def decode_image(
             if img.format == "JPEG" and img.mode in ("RGB", "L"):
                 # Most photographs: one strict decode, Pillow's pixels (decode_jpeg_rgb).
                 return _uint8_to_tensor(decode_jpeg_rgb(data), orientation)
+            if img.format == "PNG":
+                check_png_data(data)
             img.load()  # decode everything now, so truncation is caught here
             if img.format == "JPEG":
                 _check_jpeg_data(data, img.mode)
@@ -191,6 +194,25 @@ def _check_jpeg_data(data: bytes, mode: str) -> None:
         simplejpeg.decode_jpeg(data, colorspace, strict=True, min_height=1, min_width=1)
     except ValueError as error:
         raise ValueError(f"libjpeg: {error}") from None
+
+
+def check_png_data(data: bytes) -> None:
+    """Raise ``ValueError`` where a PNG chunk's CRC does not match its bytes: Pillow does not
+    check the image data's CRCs (nor zlib's checksum), so a flipped byte decodes to garbage."""
+    view = memoryview(data)
+    offset = 8  # the signature
+    while offset + 12 <= len(view):
+        length = int.from_bytes(view[offset : offset + 4], "big")
+        end = offset + 8 + length
+        if end + 4 > len(view):
+            return  # truncated: the decoder reports it
+        stored = int.from_bytes(view[end : end + 4], "big")
+        if zlib.crc32(view[offset + 4 : end]) != stored:
+            kind = bytes(view[offset + 4 : offset + 8]).decode("latin-1")
+            raise ValueError(f"PNG {kind} chunk at byte {offset}: CRC mismatch")
+        if view[offset + 4 : offset + 8] == b"IEND":
+            return
+        offset = end + 4
 
 
 def decode_jpeg_rgb(data: bytes) -> np.ndarray:

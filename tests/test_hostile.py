@@ -250,6 +250,24 @@ def test_load_image_refuses_a_huge_image_from_its_header(tmp_path: Path) -> None
 
 
 # 7 ---------------------------------------------------------------------------------------
+def test_a_png_with_corrupt_image_data_fails(tmp_path: Path) -> None:
+    y, x = np.mgrid[0:96, 0:128]
+    pixels = np.stack([x * 2, y * 2, x + y], 2).clip(0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    middle = int(len(data) * 0.3)  # inside the image data
+    data[middle : middle + 8] = np.random.default_rng(7).integers(0, 256, 8, np.uint8).tobytes()
+    with Image.open(io.BytesIO(bytes(data))) as img:
+        img.load()  # Pillow alone decodes it, to garbage
+    with pytest.raises(ImageDecodeError, match="IDAT chunk at byte 33: CRC mismatch"):
+        decode_image(bytes(data), "corrupt.png")
+    from advpurify.evaluation.classify import Preprocess
+
+    (tmp_path / "corrupt.png").write_bytes(bytes(data))
+    assert Preprocess()._fast(tmp_path / "corrupt.png") is None  # eval refuses it too
+
+
 def test_a_jpeg_with_corrupt_entropy_data_fails(tmp_path: Path) -> None:
     good = _jpeg((256, 192))
     data = bytearray(good)

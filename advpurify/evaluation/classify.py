@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from advpurify.errors import AdvpurifyError
-from advpurify.images import decode_jpeg_rgb, load_image, read_image_file
+from advpurify.images import check_png_data, decode_jpeg_rgb, load_image, read_image_file
 from advpurify.models.classifiers import resize_center_crop, resize_crop_box
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -68,6 +68,8 @@ class Preprocess:
                     return None
                 if img.format == "PNG" and data[24:25] != b"\x08":
                     return None  # not 8 bits per sample (IHDR's bit depth): Pillow would round
+                if img.format == "PNG":
+                    check_png_data(data)
                 width, height = img.size
                 new_h, new_w, top, left = self.sizes(height, width)
                 if img.format == "JPEG":
