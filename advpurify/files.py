@@ -116,7 +116,8 @@ def mirror_names(relative: Sequence[PurePath | str], ext: str) -> list[PurePath]
 
     Where two inputs would land on one name (``a.jpg`` and ``a.png``), both keep their original
     extension in front of the new one (``a.jpg.png``, ``a.png.png``). A name still shared after
-    that (``a.jpg.png`` is also an input) is refused, naming both inputs.
+    that (``a.jpg.png`` is also an input), or a name that another output needs as a folder
+    (``a.jpg`` -> ``a.png`` beside ``a.png/b.png``), is refused, naming both inputs.
     """
     paths = [PurePath(r) for r in relative]
     plain = [p.with_suffix(ext) for p in paths]
@@ -136,6 +137,14 @@ def mirror_names(relative: Sequence[PurePath | str], ext: str) -> list[PurePath]
                 "rename one of them"
             )
         owner[name] = source
+    for name, source in zip(names, paths, strict=True):
+        for folder in name.parents:
+            if folder in owner:  # one output would be a file where another needs a folder
+                first, second = display_name(owner[folder]), display_name(source)
+                raise AdvpurifyError(
+                    f"inputs {first} and {second} clash: {display_name(folder)} would be both "
+                    "a file and a folder of the output; rename one of them"
+                )
     return names
 
 

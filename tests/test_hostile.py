@@ -250,6 +250,26 @@ def test_load_image_refuses_a_huge_image_from_its_header(tmp_path: Path) -> None
 
 
 # 7 ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (("a.jpg", "a.png/b.png"), "a.png would be both a file and a folder"),
+        (("run.json/b.png",), "inside the run's own run.json"),
+        (("manifest.jsonl/x/b.png",), "inside the run's own manifest.jsonl"),
+    ],
+)
+def test_outputs_that_need_a_file_as_a_folder_are_refused_up_front(
+    tmp_path: Path, names: tuple[str, ...], message: str
+) -> None:
+    src = tmp_path / "in"
+    for name in names:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(_png())
+    with pytest.raises(AdvpurifyError, match=message):
+        run_pipeline(src, tmp_path / "out", create_purifier("bitdepth"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_png_with_corrupt_image_data_fails(tmp_path: Path) -> None:
     y, x = np.mgrid[0:96, 0:128]
     pixels = np.stack([x * 2, y * 2, x + y], 2).clip(0, 255).astype(np.uint8)

@@ -20,6 +20,7 @@ from advpurify.files import (
     check_input_folder,
     check_output_outside,
     check_writable_folder,
+    display_name,
     mirror_names,
     refuse_other_settings,
     remove_stale_temporaries,
@@ -175,7 +176,14 @@ def output_paths(inputs: list[Path], input_dir: Path, output_dir: Path, fmt: str
     """Mirror the input tree; the extension becomes the output format's (``a.jpg`` -> ``a.png``,
     both of ``a.jpg`` and ``a.png`` -> ``a.jpg.png`` and ``a.png.png``: see ``mirror_names``)."""
     relative = [p.relative_to(input_dir) for p in inputs]
-    return [output_dir / name for name in mirror_names(relative, OUTPUT_FORMATS[fmt])]
+    names = mirror_names(relative, OUTPUT_FORMATS[fmt])
+    for name, source in zip(names, relative, strict=True):
+        if name.parts[0] in CONTROL_FILES:
+            raise AdvpurifyError(
+                f"input {display_name(source)} would be written to {display_name(name)}, "
+                f"inside the run's own {name.parts[0]}: rename it"
+            )
+    return [output_dir / name for name in names]
 
 
 def check_finite(config: Any, where: str = "") -> None:
