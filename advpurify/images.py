@@ -72,6 +72,15 @@ def check_max_pixels(max_pixels: int) -> None:
         raise AdvpurifyError(f"--max-image-pixels {max_pixels}: must be at least 1")
 
 
+def allow_pixels(max_pixels: int | None) -> None:
+    """Raise Pillow's process-wide decompression-bomb limit (a warning above it, an error above
+    twice it) to ``max_pixels`` where that is higher, so the per-image limit the user chose is
+    the one that holds; never lowered. None: no limit at all."""
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and (max_pixels is None or max_pixels > current):
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
 def image_size(path: Path | str) -> tuple[int, int] | None:
     """``(width, height)`` from the file's header alone (nothing decoded); None where it cannot
     be read (decoding the file then reports why)."""

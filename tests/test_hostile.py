@@ -10,10 +10,12 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +270,32 @@ def test_outputs_that_need_a_file_as_a_folder_are_refused_up_front(
     with pytest.raises(AdvpurifyError, match=message):
         run_pipeline(src, tmp_path / "out", create_purifier("bitdepth"))
     assert not (tmp_path / "out").exists()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_max_image_pixels_above_pillows_own_limit_holds(tmp_path: Path, monkeypatch) -> None:
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a225mp.png").write_bytes(_png_header_only(15000, 15000))  # above 2x Pillow's limit
+    (src / "b95mp.png").write_bytes(_png_header_only(10000, 9500))  # above Pillow's limit
+    options = PipelineOptions(max_image_pixels=300_000_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning would raise here
+        summary = run_pipeline(src, tmp_path / "out", create_purifier("bitdepth"), options)
+    assert summary.failed == 2  # no pixel data in these files, which is what is reported
+    assert all("exceeds limit" not in f.reason for f in summary.failures)
+    assert all("truncated" in f.reason or "corrupt" in f.reason for f in summary.failures)
 
 
 def test_a_png_with_corrupt_image_data_fails(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from advpurify.files import (
 from advpurify.images import (
     MAX_IMAGE_PIXELS,
     OUTPUT_FORMATS,
+    allow_pixels,
     check_background,
     check_max_pixels,
     find_images,
@@ -271,6 +272,7 @@ def plan_run(
     """
     options = options or PipelineOptions()
     options.check()
+    allow_pixels(options.max_image_pixels)  # --max-image-pixels, not Pillow's default, holds
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     check_folders(input_dir, output_dir)
     config = run_config(purifier, options)

@@ -34,7 +34,7 @@ import torch
 
 from advpurify.errors import AdvpurifyError
 from advpurify.files import atomic_write_bytes
-from advpurify.images import encode_image, load_image
+from advpurify.images import allow_pixels, encode_image, load_image
 from advpurify.pipeline.local import execute
 from advpurify.pipeline.manifest import Record, RunRecorder, RunSummary, failure_reason
 from advpurify.pipeline.plan import RUN_FILE, RunPlan
@@ -184,6 +184,7 @@ def check_shared_folders(plan: RunPlan) -> None:
 
 def _decode(row: dict[str, Any], background: str, max_pixels: int) -> dict[str, Any]:
     row["started"] = time.time()  # wall clock: the image's stages run in other processes
+    allow_pixels(max_pixels)  # in this worker process, as plan_run did in the driver
     try:
         row["image"] = load_image(row["source"], background, max_pixels).numpy()
         row["error"] = ""
