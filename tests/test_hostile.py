@@ -87,6 +87,23 @@ def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     return exited.value.code, capsys.readouterr().err
 
 
+def test_failures_are_one_plain_line_each_in_a_log(tmp_path: Path, monkeypatch, capsys) -> None:
+    # stderr captured (not a terminal): no markup, no colour codes, no wrapping at 80 columns.
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "ok.png").write_bytes(_png())
+    bad = "x" * 120 + ".png"
+    (src / bad).write_bytes(b"hello, not an image")
+    out = tmp_path / "out[red]"
+    code, err = _cli(monkeypatch, capsys, "batch", str(src), "-m", "bitdepth", "-o", str(out))
+    assert code == 2
+    lines = err.splitlines()
+    failed = [line for line in lines if line.startswith("failed ")]
+    assert failed == [f"failed {src / bad}: not a recognised image (file starts with b'hello, n')"]
+    assert f"purified into {out}" in lines and f"1 failed: see {out}/manifest.jsonl" in lines
+    assert "\x1b[" not in err and "[/red]" not in err
+
+
 # 1 ---------------------------------------------------------------------------------------
 def test_undecodable_file_name_is_purified_and_recorded_losslessly(tmp_path: Path) -> None:
     src = tmp_path / "in"

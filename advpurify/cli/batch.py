@@ -18,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from advpurify.cli.settings import parse_params
 from advpurify.devices import resolve_device
@@ -134,7 +135,9 @@ def _run_with_progress(plan: RunPlan, quiet: bool, run: Engine) -> RunSummary:
         def on_progress(record: Record) -> None:
             if record.status == "failed":
                 name = display_name(record.input)
-                progress.console.print(f"[red]failed[/red] {name}: {record.reason}", markup=False)
+                # One line whatever the width (logs are grepped), colour only on a terminal.
+                line = Text.assemble(("failed", "red"), f" {name}: {record.reason}")
+                progress.console.print(line, soft_wrap=True)
             progress.advance(task)
             elapsed = progress.tasks[0].elapsed or 0.0
             done = progress.tasks[0].completed
@@ -153,9 +156,16 @@ def _run_with_progress(plan: RunPlan, quiet: bool, run: Engine) -> RunSummary:
 def _print_summary(summary: RunSummary) -> None:
     if summary.interrupted:
         finished = summary.done + summary.skipped
-        err_console.print(f"interrupted: {finished} done, rerun the same command to resume")
+        err_console.print(
+            f"interrupted: {finished} done, rerun the same command to resume",
+            markup=False,
+            soft_wrap=True,
+        )
         return
-    table = Table(title=f"purified into {summary.output_dir}")
+    err_console.print(
+        f"purified into {display_name(summary.output_dir)}", markup=False, soft_wrap=True
+    )
+    table = Table()
     for column in ("done", "skipped", "failed", "seconds", "images/s"):
         table.add_column(column, justify="right")
     table.add_row(
@@ -175,7 +185,8 @@ def _print_summary(summary: RunSummary) -> None:
         )
     if summary.failures:
         # Each failure was printed as it happened; the manifest keeps them all.
-        err_console.print(f"{summary.failed} failed: see {summary.output_dir / 'manifest.jsonl'}")
+        manifest = display_name(summary.output_dir / "manifest.jsonl")
+        err_console.print(f"{summary.failed} failed: see {manifest}", markup=False, soft_wrap=True)
 
 
 def methods() -> None:
@@ -183,7 +194,7 @@ def methods() -> None:
     console = Console()
     table = Table(show_lines=True)
     for column in ("method", "parameters (default, range)", "notes"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a long default is folded, never cut
     for name in list_purifiers():
         cls = purifier_class(name)
         params = "\n".join(
