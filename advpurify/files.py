@@ -77,8 +77,14 @@ def _temp_prefix(name: str) -> str:
 
 def atomic_write_bytes(path: Path | str, data: bytes, root: Path | str | None = None) -> None:
     """Write ``data`` to a hidden temporary file beside ``path``, then rename it into place."""
-    with atomic_output(path, root) as tmp, open(tmp, "wb") as handle:
-        handle.write(data)
+    try:
+        with atomic_output(path, root) as tmp, open(tmp, "wb") as handle:
+            handle.write(data)
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        # A failed write names no file (a full disk): say which one it was.
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
 
 
 def remove_stale_temporaries(root: Path | str) -> int:

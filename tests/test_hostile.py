@@ -533,6 +533,39 @@ def test_a_lock_taken_but_not_yet_written_is_refused(tmp_path: Path) -> None:
         holder.wait()
 
 
+def test_a_full_disk_at_the_start_names_the_file_and_leaves_no_lock(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import advpurify.files
+    import advpurify.pipeline.lock
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(advpurify.pipeline.lock.os, "pwrite", no_space)
+        with pytest.raises(OSError, match="No space left") as caught:
+            OutputLock.acquire(out)
+    assert caught.value.filename == str(out / LOCK_FILE) and list(out.iterdir()) == []
+
+    class FullFile(io.BytesIO):
+        def write(self, data):
+            no_space()
+
+    real_open = open
+    monkeypatch.setattr(
+        advpurify.files,
+        "open",
+        lambda p, mode: FullFile() if "w" in mode else real_open(p, mode),
+        raising=False,
+    )
+    with pytest.raises(OSError) as caught:
+        advpurify.files.atomic_write_bytes(out / "run.json", b"{}")
+    assert caught.value.filename == str(out / "run.json") and list(out.iterdir()) == []
+
+
 def test_a_lock_file_from_another_host_is_refused(tmp_path: Path) -> None:
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

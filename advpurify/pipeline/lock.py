@@ -75,8 +75,13 @@ class OutputLock:
                     f"run is gone, delete {path}"
                 )
             # Free on this host: its owner, if any, has exited. Take it over.
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": host}).encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": host}).encode(), 0)
+            except OSError as error:  # a full disk: leave no lock file behind
+                path.unlink(missing_ok=True)
+                os.close(fd)
+                raise OSError(error.errno, error.strerror, str(path)) from None
             return cls(path, fd)
         raise AdvpurifyError(f"{path}: could not take the lock (another run keeps taking it)")
 
