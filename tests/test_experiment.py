@@ -356,3 +356,28 @@ def test_reference_matching_refuses_to_guess():
         match_reference(["d.webp"], ref, Path("ref"))
     with pytest.raises(LabelError, match="no image for e.png"):
         match_reference(["e.png"], ref, Path("ref"))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["attack", "{data}", "-o", "{tmp}/o", "--target", "5000"], "outside 0..999"),
+        (["attack", "{data}", "-o", "{tmp}/o", "--format", "gif"], "--format 'gif'"),
+        (["attack", "{tmp}/missing", "-o", "{tmp}/o"], "no such file or folder"),
+        (["eval", "{data}"], "no labels"),
+        (["eval", "{data}", "--reference", "{tmp}/missing"], "--reference"),
+    ],
+)
+def test_cheap_checks_come_before_the_classifier_loads(tmp_path, args, message, monkeypatch):
+    import advpurify.cli.evaluate
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the classifier was loaded before a cheap check")
+
+    monkeypatch.setattr(advpurify.cli.evaluate, "_load", must_not_load)
+    data = tmp_path / "data"
+    data.mkdir()
+    save_image(torch.rand(3, 16, 16), data / "photo.png")  # no WordNet id: no labels
+    result = invoke(*[a.format(data=data, tmp=tmp_path) for a in args])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and "Traceback" not in result.output

@@ -55,12 +55,16 @@ def attack_command(
 ) -> None:
     """Attack images (resized to 256, centre-cropped to 224) and write them with a manifest."""
     from advpurify.attacks import AttackConfig
-    from advpurify.evaluation.attack_folder import JPEG_WARNING, attack_folder
+    from advpurify.evaluation.attack_folder import (
+        JPEG_WARNING,
+        attack_folder,
+        check_attack_inputs,
+    )
 
     config = AttackConfig(attack, eps, steps, step_size, random_start).resolved()
+    format = check_attack_inputs(input, output, format, target)
     check_writable_folder(output)
-    if format.lower() in ("jpg", "jpeg"):
-        format = "jpg"
+    if format == "jpg":
         _err(f"warning: {JPEG_WARNING}")
     _check_labels(labels)
     loaded = _load(classifier, "torch", device, weights)
@@ -113,12 +117,13 @@ def eval_command(
     batch_size: int = typer.Option(32, min=1),
 ) -> None:
     """Top-1/3/5 accuracy of a classifier on a folder of images."""
-    from advpurify.evaluation.accuracy import evaluate_folder
+    from advpurify.evaluation.accuracy import check_eval_inputs, evaluate_folder
 
     for path, option in ((json_path, "--json"), (csv_path, "--csv")):
         if path is not None:
             check_writable_file(path, f"{option} file")
     _check_labels(labels)
+    check_eval_inputs(directory, labels, reference)
     loaded = _load(classifier, backend, device, weights)
     result = evaluate_folder(directory, loaded, labels, batch_size, reference=reference)
     for failure in result.failures:

@@ -13,7 +13,12 @@ import torch
 from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.classify import Preprocess, classify_paths
 from advpurify.evaluation.dataset import Failure, list_images, load_dataset, relative_key
-from advpurify.evaluation.labels import SOURCE_CLEAN, LabelError, resolve_labels
+from advpurify.evaluation.labels import (
+    SOURCE_CLEAN,
+    LabelError,
+    label_from_path,
+    resolve_labels,
+)
 from advpurify.models.classifiers import LoadedClassifier
 from advpurify.models.imagenet import class_name, wnids
 
@@ -120,6 +125,27 @@ class FolderEvaluation:
                 )
 
 
+def check_eval_inputs(
+    root: Path, labels_csv: Path | None = None, reference: Path | None = None
+) -> tuple[Path, list[Path]]:
+    """What can be checked before a classifier loads: images to evaluate, labels for them
+    somewhere (the CSV, the paths, or a reference folder). Returns ``list_images(root)``."""
+    root, paths = list_images(Path(root))
+    if reference is not None and not Path(reference).exists():
+        raise LabelError(f"--reference {reference}: no such file or folder")
+    if labels_csv is None and reference is None:
+        if all(label_from_path(path, root) is None for path in paths):
+            raise LabelError(_NO_LABELS.format(root=root))
+    return root, paths
+
+
+_NO_LABELS = (
+    "{root}: no labels (no WordNet id in the file or folder names); give --labels FILE.csv, or "
+    "--reference DIR with the original images to measure agreement with their clean "
+    "predictions"
+)
+
+
 def evaluate_folder(
     root: Path,
     classifier: LoadedClassifier,
@@ -133,7 +159,7 @@ def evaluate_folder(
     the original images, same relative paths, any extension) supplies pseudo-labels: the
     classifier's prediction on each original ("agreement with clean prediction").
     """
-    root, paths = list_images(Path(root))
+    root, paths = check_eval_inputs(root, labels_csv, reference)
     # Decoding and resizing overlap with inference (reader threads), so a folder classifies
     # at nearly the backend's own speed.
     result = classify_paths(
@@ -148,11 +174,7 @@ def evaluate_folder(
     predictions = topk_predictions(logits, 5)
     if labels.source == SOURCE_CLEAN:
         if reference is None:
-            raise LabelError(
-                f"{root}: no labels (no WordNet id in the file or folder names); give "
-                f"--labels FILE.csv, or --reference DIR with the original images to measure "
-                f"agreement with their clean predictions"
-            )
+            raise LabelError(_NO_LABELS.format(root=root))
         keys = [relative_key(path, root) for path in result.paths]
         indices = reference_predictions(keys, Path(reference), classifier, batch_size)
     else:

@@ -18,7 +18,7 @@ import torch
 from advpurify.attacks import AttackConfig, attack
 from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk_predictions
-from advpurify.evaluation.dataset import load_dataset
+from advpurify.evaluation.dataset import list_images, load_dataset
 from advpurify.evaluation.labels import parse_label, resolve_labels
 from advpurify.files import atomic_write_bytes, check_output_outside, mirror_names
 from advpurify.images import OUTPUT_FORMATS, save_image
@@ -31,6 +31,18 @@ JPEG_WARNING = (
     "much of the perturbation), so every accuracy measured on these files will be too high; "
     "use PNG (the default) for experiments"
 )
+
+
+def check_attack_inputs(source: Path, out: Path, fmt: str, target: str | None) -> str:
+    """What can be checked before a classifier loads; returns the format's canonical name."""
+    fmt = "jpg" if fmt.lower() == "jpeg" else fmt.lower()
+    if fmt not in OUTPUT_FORMATS:
+        raise AdvpurifyError(f"--format {fmt!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+    if target is not None:
+        parse_label(target, "--target")
+    list_images(Path(source))
+    check_output_outside(source, out)
+    return fmt
 
 
 def attack_folder(
@@ -47,11 +59,9 @@ def attack_folder(
     log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
     """Attack every image under ``source`` (a folder or one file); returns a summary."""
-    if fmt not in OUTPUT_FORMATS:
-        raise AdvpurifyError(f"format {fmt!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+    fmt = check_attack_inputs(source, out, fmt, target)
     config = config.resolved()
     out = Path(out)
-    check_output_outside(source, out)
     data = load_dataset(source, classifier.prepare, classifier.input_size)
     for failure in data.failures:
         log(f"skipped {failure.path}: {failure.reason}")
