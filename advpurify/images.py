@@ -308,10 +308,33 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return scaled.to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
 
 
+# The largest side each output format can hold (WebP's 14-bit sizes; libjpeg's 65500).
+MAX_SIDE = {"png": 2**31 - 1, "jpg": 65500, "webp": 16383}
+
+
+class UnencodableError(AdvpurifyError):
+    """An image the output format cannot hold; ``reason`` is the manifest's line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def check_encodable(width: int, height: int, fmt: str) -> None:
+    """Raise where an image of this size cannot be written as ``fmt`` (before it is purified)."""
+    side = MAX_SIDE[fmt]
+    if max(width, height) > side:
+        raise UnencodableError(
+            f"{width} x {height} is too large for {fmt} (at most {side} pixels a side): "
+            "use --format png"
+        )
+
+
 def encode_image(image: torch.Tensor, fmt: str = "png", quality: int = 95) -> bytes:
     """Encode a ``3 x H x W`` image; PNG is lossless, JPEG and WebP take ``quality`` (1-100)."""
     if fmt not in OUTPUT_FORMATS:
         raise AdvpurifyError(f"format {fmt!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+    check_encodable(image.shape[-1], image.shape[-2], fmt)
     bgr = cv2.cvtColor(to_uint8(image), cv2.COLOR_RGB2BGR)
     if fmt == "png":
         # Level 3: within a few percent of level 9's size at several times its speed.

@@ -315,6 +315,29 @@ def test_max_image_pixels_above_pillows_own_limit_holds(tmp_path: Path, monkeypa
     assert all("truncated" in f.reason or "corrupt" in f.reason for f in summary.failures)
 
 
+def test_an_image_too_wide_for_webp_fails_before_it_is_purified(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.zeros((2, 16400, 3), np.uint8)).save(src / "wide.png")
+    (src / "ok.png").write_bytes(_png())
+    calls = []
+
+    class Counting(Purifier):
+        name = "counting"
+
+        def purify(self, images, seeds):
+            calls.append(tuple(images.shape))
+            return images
+
+    options = PipelineOptions(fmt="webp")
+    summary = run_pipeline(src, tmp_path / "out", Counting(), options)
+    assert (summary.done, summary.failed) == (1, 1)
+    assert summary.failures[0].reason == (
+        "16400 x 2 is too large for webp (at most 16383 pixels a side): use --format png"
+    )
+    assert all(shape[-1] != 16400 for shape in calls)  # never purified
+
+
 def test_a_png_with_corrupt_image_data_fails(tmp_path: Path) -> None:
     y, x = np.mgrid[0:96, 0:128]
     pixels = np.stack([x * 2, y * 2, x + y], 2).clip(0, 255).astype(np.uint8)

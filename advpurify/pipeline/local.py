@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from advpurify.files import atomic_write_bytes
-from advpurify.images import encode_image, image_size, load_image
+from advpurify.images import check_encodable, encode_image, image_size, load_image
 from advpurify.pipeline.manifest import (
     Record,
     RunRecorder,
@@ -147,7 +147,9 @@ class LocalRunner:
 
     def _read(self, item: WorkItem) -> torch.Tensor:
         options = self.options
-        return load_image(item.source, options.background, options.max_image_pixels)
+        image = load_image(item.source, options.background, options.max_image_pixels)
+        check_encodable(image.shape[-1], image.shape[-2], options.fmt)  # before it is purified
+        return image
 
     def _collect(self, item: WorkItem, future: Future[torch.Tensor]) -> None:
         try:

@@ -34,7 +34,7 @@ import torch
 
 from advpurify.errors import AdvpurifyError
 from advpurify.files import atomic_write_bytes
-from advpurify.images import allow_pixels, encode_image, load_image
+from advpurify.images import allow_pixels, check_encodable, encode_image, load_image
 from advpurify.pipeline.local import execute
 from advpurify.pipeline.manifest import Record, RunRecorder, RunSummary, failure_reason
 from advpurify.pipeline.plan import RUN_FILE, RunPlan
@@ -182,11 +182,13 @@ def check_shared_folders(plan: RunPlan) -> None:
             )
 
 
-def _decode(row: dict[str, Any], background: str, max_pixels: int) -> dict[str, Any]:
+def _decode(row: dict[str, Any], background: str, max_pixels: int, fmt: str) -> dict[str, Any]:
     row["started"] = time.time()  # wall clock: the image's stages run in other processes
     allow_pixels(max_pixels)  # in this worker process, as plan_run did in the driver
     try:
-        row["image"] = load_image(row["source"], background, max_pixels).numpy()
+        image = load_image(row["source"], background, max_pixels)
+        check_encodable(image.shape[-1], image.shape[-2], fmt)  # before it is purified
+        row["image"] = image.numpy()
         row["error"] = ""
     except Exception as error:  # noqa: BLE001 - a bad file becomes a record
         row["image"], row["error"] = _NO_IMAGE, failure_reason(error)
@@ -321,6 +323,7 @@ def _dataset(ray, plan: RunPlan, ray_options: RayOptions, device: str, todo: lis
                 fn_kwargs={
                     "background": options.background,
                     "max_pixels": options.max_image_pixels,
+                    "fmt": options.fmt,
                 },
                 compute=tasks,
             )
