@@ -142,6 +142,9 @@ def test_folder_checks(sample_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(AdvpurifyError, match="does not exist"):
         run_pipeline(tmp_path / "missing", tmp_path / "out", create_purifier("rescale"))
     assert default_output_dir(sample_copy, "jpeg") == sample_copy.parent / "photos-purified-jpeg"
+    link = sample_copy.parent / "link"
+    link.symlink_to(sample_copy)  # beside the link as named, not beside its target
+    assert default_output_dir(link, "jpeg") == sample_copy.parent / "link-purified-jpeg"
 
 
 def test_name_collisions_and_output_formats(tmp_path: Path, sample_paths: list[Path]) -> None:

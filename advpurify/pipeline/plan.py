@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +154,9 @@ class RunPlan:
 
 
 def default_output_dir(input_dir: Path, method: str) -> Path:
-    """A sibling of the input folder: ``photos`` -> ``photos-purified-rescale``."""
-    input_dir = Path(input_dir).resolve()
+    """A sibling of the input folder as named: ``photos`` -> ``photos-purified-rescale``
+    (beside a symlink ``photos``, not beside the folder it points to)."""
+    input_dir = Path(os.path.abspath(input_dir))  # absolute, ``..`` folded, links kept
     return input_dir.parent / f"{input_dir.name}-purified-{method}"
 
 
