@@ -104,6 +104,27 @@ def test_failures_are_one_plain_line_each_in_a_log(tmp_path: Path, monkeypatch, 
     assert "\x1b[" not in err and "[/red]" not in err
 
 
+def test_a_setting_given_twice_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(_png())
+    code, err = _cli(
+        monkeypatch,
+        capsys,
+        "batch",
+        str(src),
+        "-m",
+        "rescale",
+        "-p",
+        "factor=0.5",
+        "-p",
+        "factor=0.7",
+    )
+    assert code == 1
+    assert err.strip() == "error: -p factor given twice ('0.5' and '0.7'): give it once"
+    assert not (tmp_path / "in-purified-rescale").exists()
+
+
 # 1 ---------------------------------------------------------------------------------------
 def test_undecodable_file_name_is_purified_and_recorded_losslessly(tmp_path: Path) -> None:
     src = tmp_path / "in"

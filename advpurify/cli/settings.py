@@ -53,7 +53,18 @@ def typed_settings(method: str, values: dict[str, str]) -> dict[str, Any]:
 
 def parse_params(method: str, items: Iterable[str]) -> dict[str, Any]:
     """``-p factor=0.25 -p mode=bicubic`` for ``method`` -> typed keyword arguments."""
-    return typed_settings(method, dict(split_assignment(item) for item in items))
+    values: dict[str, str] = {}
+    for item in items:
+        name, value = split_assignment(item)
+        _once(values, name, value, f"-p {name}")
+    return typed_settings(method, values)
+
+
+def _once(values: dict[str, str], name: str, value: str, option: str) -> None:
+    # A setting given twice is a typo or a script bug, not a silent "last one wins".
+    if name in values and values[name] != value:
+        raise ParamError(f"{option} given twice ({values[name]!r} and {value!r}): give it once")
+    values[name] = value
 
 
 def parse_method_params(items: Iterable[str], methods: list[str]) -> dict[str, dict[str, Any]]:
@@ -66,5 +77,5 @@ def parse_method_params(items: Iterable[str], methods: list[str]) -> dict[str, d
             raise ParamError(f"--param {item!r}: expected method.name=value")
         if method not in methods:
             raise ParamError(f"--param {item!r}: method {method!r} is not among --methods")
-        strings.setdefault(method, {})[name] = value
+        _once(strings.setdefault(method, {}), name, value, f"--param {method}.{name}")
     return {method: typed_settings(method, values) for method, values in strings.items()}
