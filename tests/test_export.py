@@ -265,6 +265,20 @@ def test_cli_refusals_and_missing_tensorrt_are_one_line_errors(tmp_path):
     assert result.exit_code == 0 and "googlenet" in result.output and "rescale" in result.output
 
 
+def test_classifiers_differing_only_in_preprocessing_have_different_cache_keys():
+    import dataclasses
+
+    from advpurify.models.classifiers import Classifier
+    from advpurify.models.spec import Preprocessing
+    from advpurify.runtime.onnx_cache import module_digest
+
+    net = Tiny()
+    bilinear = Classifier("net", net, Preprocessing())
+    bicubic = Classifier("net", net, dataclasses.replace(Preprocessing(), interpolation="bicubic"))
+    assert module_digest(bilinear) == module_digest(Classifier("net", net, Preprocessing()))
+    assert module_digest(bilinear) != module_digest(bicubic)
+
+
 def test_onnx_cache_reuses_and_rebuilds_corrupt_files(tmp_path):
     module = Tiny()
     notes: list[str] = []

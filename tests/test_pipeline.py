@@ -132,6 +132,10 @@ def test_shards_split_the_work_without_overlap(sample_copy: Path, tmp_path: Path
     assert len(_outputs(out)) == total
     with pytest.raises(AdvpurifyError, match="shard"):
         Shard.parse("2/2")
+    assert Shard.parse("3/20") == Shard(3, 20)
+    for text in ("1_0/20", " 1/2", "+1/2", "1/2/3", "a/2", "1/", "٣/4"):
+        with pytest.raises(AdvpurifyError, match="expected i/n"):
+            Shard.parse(text)
 
 
 def test_folder_checks(sample_copy: Path, tmp_path: Path) -> None:

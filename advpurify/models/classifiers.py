@@ -95,6 +95,11 @@ class Classifier(nn.Module):
     def input_size(self) -> int:
         return self.preprocessing.crop_size
 
+    def extra_repr(self) -> str:
+        # In the repr, so in the ONNX cache's key: two classifiers that differ only in their
+        # preprocessing are two models.
+        return f"name={self.name!r}, preprocessing={self.preprocessing!r}"
+
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Resize and crop to the network's input size (a no-op for inputs of that size)."""
         size = self.preprocessing.crop_size

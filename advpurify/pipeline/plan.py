@@ -54,10 +54,11 @@ class Shard:
 
     @classmethod
     def parse(cls, text: str) -> Shard:
-        try:
-            index, count = (int(part) for part in text.split("/"))
-        except ValueError:
-            raise AdvpurifyError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+        parts = text.split("/")
+        # Digits only: int() would also take "1_0", " 1" or "+1".
+        if len(parts) != 2 or not all(part.isascii() and part.isdigit() for part in parts):
+            raise AdvpurifyError(f"--shard {text!r}: expected i/n, e.g. 0/4")
+        index, count = int(parts[0]), int(parts[1])
         if count < 1 or not 0 <= index < count:
             raise AdvpurifyError(f"--shard {text!r}: need 0 <= i < n")
         return cls(index, count)
