@@ -279,3 +279,39 @@ def test_cli_list_import_convert(home, tmp_path, lenet_source, lenet_bytes, data
     result = runner.invoke(app, ["weights", "fetch", "no-such-weights"])
     assert result.exit_code == 1
     assert "error: unknown weights 'no-such-weights'" in result.output
+
+
+def test_a_part_larger_than_the_file_is_restarted_when_nothing_else_is_known(
+    tmp_path, server, lenet_bytes
+):
+    from advpurify.weights.download import download
+
+    server.files["/x.bin"] = lenet_bytes
+    url = f"http://127.0.0.1:{server.server_address[1]}/x.bin"
+    target = tmp_path / "x.bin"
+    part = tmp_path / "x.bin.part"
+    part.write_bytes(lenet_bytes + b"garbage")  # no size, no checksum to catch it
+    download(url, target, progress=False)
+    assert target.read_bytes() == lenet_bytes and not part.exists()
+    assert [entry[1] for entry in server.log] == [f"bytes={len(lenet_bytes) + 7}-", None]
+
+    (tmp_path / "y.bin.part").write_bytes(lenet_bytes)  # whole: the 416 states its size
+    download(url, tmp_path / "y.bin", progress=False)
+    assert (tmp_path / "y.bin").read_bytes() == lenet_bytes
+
+
+def test_a_content_length_that_is_not_a_number_is_ignored(
+    tmp_path, server, lenet_bytes, monkeypatch
+):
+    from advpurify.weights.download import download
+
+    original = _Handler.send_header
+
+    def odd_length(self, key, value):
+        original(self, key, "twelve" if key == "Content-Length" else value)
+
+    monkeypatch.setattr(_Handler, "send_header", odd_length)
+    server.files["/z.bin"] = lenet_bytes
+    url = f"http://127.0.0.1:{server.server_address[1]}/z.bin"
+    download(url, tmp_path / "z.bin", size=len(lenet_bytes), progress=False)
+    assert (tmp_path / "z.bin").read_bytes() == lenet_bytes

@@ -112,10 +112,17 @@ def _transfer(url: str, part: Path, *, size: int | None, timeout: float, progres
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as error:
-        if error.code == 416 and have:
-            # Nothing left to send: the part is already whole (verified by the caller).
-            return
-        raise
+        with error:  # its response, closed either way
+            if error.code != 416 or not have:
+                raise
+            # "Range not satisfiable": the part is whole if it has the file's size (the
+            # expected one, else the one the server states as "bytes */SIZE").
+            stated = re.fullmatch(r"bytes \*/(\d+)", error.headers.get("Content-Range") or "")
+            whole = size if size is not None else (int(stated.group(1)) if stated else None)
+            if have == whole:
+                return
+            part.unlink()  # larger than the file, or of unknown size: start again
+            raise _Interrupted(f"server refused to resume at byte {have}; restarting") from None
     with response:
         if have and response.status == 206:
             start = _content_range_start(response.headers.get("Content-Range"))
@@ -124,8 +131,8 @@ def _transfer(url: str, part: Path, *, size: int | None, timeout: float, progres
             mode = "ab"
         else:
             have, mode = 0, "wb"  # full body: the server ignored Range (or none was sent)
-        length = response.headers.get("Content-Length")
-        remaining = int(length) if length is not None else None
+        length = (response.headers.get("Content-Length") or "").strip()
+        remaining = int(length) if length.isascii() and length.isdigit() else None
         total = have + remaining if remaining is not None else size
         received = 0
         with open(part, mode) as out, _progress_bar(progress, part.name[:-5], total) as bar:
