@@ -446,7 +446,7 @@ HOSTILE_COMMANDS = [
     ("eval {r}/imgs --json {r}/afile/e.json", "is a file, not a folder"),
     ("weights convert {r}/bad.prototxt {r}/evil.pt -o {r}/w.safetensors", "not UTF-8"),
     ("weights convert {r}/bad.prototxt {r}/evil.pt -o {r}/afile/w.st", "not a folder"),
-    ("eval {r}/imgs --weights {r}/evil.pt", "pickled Python objects"),
+    ("eval {r}/imgs --reference {r}/imgs --weights {r}/evil.pt", "pickled Python objects"),
 ]
 
 

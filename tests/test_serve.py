@@ -29,6 +29,7 @@ from advpurify.serve.protocol import (
     BodyLimit,
     RequestError,
     check_length,
+    flag,
     image_header,
     read_image,
     request_params,
@@ -111,6 +112,17 @@ def test_length_params_and_seed():
     assert seed_for(b"abc", {}) == seed_for(b"abc", {}) != seed_for(b"abd", {})
     with pytest.raises(RequestError):
         seed_for(b"abc", {"seed": "x"})
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1", True), ("on", True), ("Yes", True), ("0", False), ("off", False), ("", False)],
+)
+def test_yes_no_query_flags_read_like_method_settings(text, value):
+    assert flag({"compare": text}, "compare") is value
+    assert flag({}, "compare") is False
+    with pytest.raises(RequestError, match="use 1 or 0"):
+        flag({"compare": "maybe"}, "compare")
 
 
 def test_streamed_body_refused_once_over_the_limit():

@@ -9,26 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from advpurify.purifiers import ParamError, SettingInfo, purifier_class, setting_fields
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def parse_value(info: SettingInfo, text: str) -> Any:
-    """One value as its setting's type; ``none`` clears an optional setting."""
-    text = text.strip()
-    if info.optional and text.lower() == "none":
-        return None
-    try:
-        if info.type is bool:
-            lowered = text.lower()
-            if lowered not in _TRUE | _FALSE:
-                raise ValueError(text)
-            return lowered in _TRUE
-        return info.type(text)
-    except (TypeError, ValueError):
-        raise ParamError(f"parameter {info.name}={text!r}: expected {info.type.__name__}") from None
+from advpurify.purifiers import ParamError, parse_setting, purifier_class, setting_fields
 
 
 def split_assignment(item: str, what: str = "name=value") -> tuple[str, str]:
@@ -48,7 +29,7 @@ def typed_settings(method: str, values: dict[str, str]) -> dict[str, Any]:
             f"method {method}: unknown parameter {', '.join(unknown)} "
             f"(parameters: {', '.join(fields) or 'none'})"
         )
-    return {name: parse_value(fields[name], text) for name, text in values.items()}
+    return {name: parse_setting(fields[name], text) for name, text in values.items()}
 
 
 def parse_params(method: str, items: Iterable[str]) -> dict[str, Any]:

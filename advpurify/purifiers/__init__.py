@@ -18,6 +18,8 @@ from advpurify.purifiers.base import (
     SettingInfo,
     Settings,
     image_seed,
+    parse_bool,
+    parse_setting,
     setting_fields,
 )
 
@@ -46,6 +48,8 @@ __all__ = [
     "create_purifier",
     "image_seed",
     "list_purifiers",
+    "parse_bool",
+    "parse_setting",
     "purifier_class",
     "setting_fields",
 ]

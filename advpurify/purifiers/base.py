@@ -108,6 +108,30 @@ def setting_fields(cls: type[Settings]) -> list[SettingInfo]:
     return infos
 
 
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def parse_bool(text: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off`` (any case); ``ValueError`` for anything else."""
+    word = text.strip().lower()
+    if word not in TRUE_WORDS | FALSE_WORDS:
+        raise ValueError(text)
+    return word in TRUE_WORDS
+
+
+def parse_setting(info: SettingInfo, text: str) -> Any:
+    """A setting's value from text (``-p`` values, query strings); ``none`` clears an optional
+    setting. The typed value is checked against the setting's range when it is used."""
+    text = text.strip()
+    if info.optional and text.lower() == "none":
+        return None
+    try:
+        return parse_bool(text) if info.type is bool else info.type(text)
+    except (TypeError, ValueError):
+        raise ParamError(f"parameter {info.name}={text!r}: expected {info.type.__name__}") from None
+
+
 def _check_value(info: SettingInfo, value: Any) -> Any:
     where = f"parameter {info.name}={value!r}"
     if value is None and info.optional:

@@ -20,8 +20,9 @@ from advpurify.images import ImageDecodeError, decode_image
 from advpurify.models.imagenet import class_names, wnids
 from advpurify.purifiers import (
     ParamError,
-    SettingInfo,
     list_purifiers,
+    parse_bool,
+    parse_setting,
     purifier_class,
     setting_fields,
 )
@@ -121,24 +122,6 @@ def seed_for(body: bytes, query: Mapping[str, str]) -> int:
     return seed
 
 
-_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
-
-
-def _query_value(info: SettingInfo, text: str) -> Any:
-    # Query strings are text; the library takes typed settings (as the CLI converts -p values).
-    text = text.strip()
-    if info.optional and text.lower() == "none":
-        return None
-    if info.type is bool:
-        if text.lower() not in _TRUE | _FALSE:
-            raise ParamError(f"parameter {info.name}={text!r}: expected bool")
-        return text.lower() in _TRUE
-    try:
-        return info.type(text)
-    except (TypeError, ValueError):
-        raise ParamError(f"parameter {info.name}={text!r}: expected {info.type.__name__}") from None
-
-
 def request_params(
     method: str, defaults: Mapping[str, Any], query: Mapping[str, str]
 ) -> dict[str, Any]:
@@ -147,17 +130,19 @@ def request_params(
     fields = {info.name: info for info in setting_fields(cls.Settings)}
     overrides = {k: v for k, v in query.items() if k not in RESERVED}
     try:
-        typed = {k: _query_value(fields[k], v) if k in fields else v for k, v in overrides.items()}
+        typed = {k: parse_setting(fields[k], v) if k in fields else v for k, v in overrides.items()}
         return make_settings(cls, {**defaults, **typed}).as_dict()
     except ParamError as error:
         raise RequestError(400, str(error)) from None
 
 
 def flag(query: Mapping[str, str], name: str) -> bool:
-    value = query.get(name, "0").strip().lower()
-    if value not in {"0", "1", "true", "false", "yes", "no", ""}:
-        raise RequestError(400, f"{name}={value!r}: use 1 or 0")
-    return value in {"1", "true", "yes"}
+    """A yes/no query parameter, read as method settings are (absent or empty: no)."""
+    value = query.get(name, "0").strip() or "0"
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise RequestError(400, f"{name}={value!r}: use 1 or 0") from None
 
 
 def top5(logits: torch.Tensor) -> list[dict[str, Any]]:
