@@ -231,6 +231,19 @@ def test_the_manifest_never_keeps_half_a_line(tmp_path: Path, monkeypatch) -> No
 
 
 # 5 ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["run.json", "manifest.jsonl", "run.lock"])
+def test_a_control_file_that_is_a_folder_is_refused_up_front(tmp_path: Path, name: str) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "a.png").write_bytes(_png())
+    (out / name).mkdir(parents=True)
+    for overwrite in (False, True):  # --overwrite could not help: say what would
+        with pytest.raises(AdvpurifyError, match=f"{name} is not a file .* remove it"):
+            run_pipeline(
+                src, out, create_purifier("bitdepth"), PipelineOptions(overwrite=overwrite)
+            )
+
+
 def test_symlinks_in_the_output_are_never_written_through(tmp_path: Path) -> None:
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)

@@ -170,9 +170,12 @@ def check_folders(input_dir: Path, output_dir: Path) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise AdvpurifyError(f"output {output_dir} exists and is not a folder")
     for name in CONTROL_FILES:
-        if (output_dir / name).is_symlink():
+        path = output_dir / name
+        if path.is_symlink():
+            raise AdvpurifyError(f"{path} is a symlink: refusing to write through it; remove it")
+        if path.exists() and not path.is_file():
             raise AdvpurifyError(
-                f"{output_dir / name} is a symlink: refusing to write through it; remove it"
+                f"{path} is not a file (the run keeps its {name} there); remove it"
             )
 
 
