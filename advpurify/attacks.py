@@ -17,8 +17,9 @@ image and models run in eval mode, so batch composition never changes a result.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advpurify.errors import AdvpurifyError
-from advpurify.purifiers.base import Purifier, generators, image_seed
+from advpurify.purifiers.base import Purifier, check_seeds, generators, image_seed
 
 ATTACKS = ("fgsm", "ifgsm", "pgd")
 
@@ -49,6 +50,7 @@ class AttackConfig:
 
     def resolved(self) -> AttackConfig:
         """Check every value and fill in the defaults."""
+        self._check_types()
         name = self.name.lower().replace("-", "").replace("_", "")
         if name not in ATTACKS:
             raise AttackError(f"unknown attack {self.name!r} (attacks: {', '.join(ATTACKS)})")
@@ -70,8 +72,8 @@ class AttackConfig:
             random_start = True if self.random_start is None else self.random_start
         if steps < 1:
             raise AttackError(f"steps={steps}: must be >= 1")
-        if not step_size > 0:
-            raise AttackError(f"step size {step_size:g}: must be > 0")
+        if not 0 < step_size < math.inf:
+            raise AttackError(f"step size {step_size:g}: must be a finite number > 0")
         return replace(
             self,
             name=name,
@@ -80,6 +82,27 @@ class AttackConfig:
             step_size=float(step_size),
             random_start=random_start,
         )
+
+    def _check_types(self) -> None:
+        # A string or a float where an int belongs would be taken silently, or fail later.
+        def number(value: object) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool)
+
+        wrong = [
+            f"{field}={value!r}"
+            for field, value, ok in (
+                ("name", self.name, isinstance(self.name, str)),
+                ("eps", self.eps, number(self.eps)),
+                ("steps", self.steps, self.steps is None or type(self.steps) is int),
+                ("step_size", self.step_size, self.step_size is None or number(self.step_size)),
+                ("random_start", self.random_start, self.random_start in (None, True, False)),
+                ("targeted", self.targeted, isinstance(self.targeted, bool)),
+                ("eot", self.eot, type(self.eot) is int),
+            )
+            if not ok
+        ]
+        if wrong:
+            raise AttackError(f"attack settings of the wrong type: {', '.join(wrong)}")
 
     def describe(self) -> str:
         """``FGSM eps=16``, ``PGD eps=8 10x2``: for tables and figures."""
@@ -174,8 +197,13 @@ class DefendedClassifier(nn.Module):
         self.classifier = classifier
         self.backward = backward or ("exact" if purifier.differentiable else "bpda")
         self.draws = eot if purifier.stochastic else 1
-        self.seeds = None if seeds is None else [int(s) for s in seeds]
+        # A deterministic purifier ignores seeds, so they are not checked against batches.
+        self.seeds = None
+        if purifier.stochastic:
+            assert seeds is not None
+            self.seeds = check_seeds(seeds, len(seeds))  # type: ignore[arg-type]
         self.calls = 0
+        self.eval()  # the classifier too: BatchNorm statistics and dropout stay fixed
 
     def draw_logits(self, images: torch.Tensor, call: int, draw: int) -> torch.Tensor:
         """The logits of one EOT draw of call ``call`` (what :func:`attack` averages)."""
@@ -195,6 +223,18 @@ class DefendedClassifier(nn.Module):
     def train(self, mode: bool = True) -> DefendedClassifier:
         # Inference mode always: an attack must not change BatchNorm statistics or dropout.
         return super().train(False)
+
+
+def check_labels(labels: torch.Tensor, classes: int) -> None:
+    """Integer class indices of the model's ``classes`` outputs (cross-entropy would ignore
+    -100, and name no argument for others)."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise AttackError(f"labels: expected integer class indices, got {labels.dtype}")
+    if labels.numel():
+        low, high = (int(v) for v in torch.aminmax(labels))
+        if low < 0 or high >= classes:
+            bad = low if low < 0 else high
+            raise AttackError(f"labels: {bad} is not a class of a model with {classes} outputs")
 
 
 def loss_gradient(
@@ -224,6 +264,7 @@ def loss_gradient(
             logits = model.draw_logits(x, step, draw)
         else:
             logits = model(x)
+        check_labels(labels, logits.shape[-1])
         loss = F.cross_entropy(logits, labels, reduction="sum")
         if targeted:
             loss = -loss
@@ -252,6 +293,10 @@ def attack(
     image, required for a random start and a stochastic purifier (the attacker's randomness).
     """
     c = config.resolved()
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
+        raise AttackError("labels: expected a 1-D tensor of class indices, one per image")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise AttackError(f"labels: expected integer class indices, got {labels.dtype}")
     labels = labels.to(images.device, torch.long)
     if labels.shape[0] != images.shape[0]:
         raise ValueError("one label per image")
@@ -260,8 +305,8 @@ def attack(
             raise AttackError(
                 f"{c.describe()}: pass one seed per image (random start, stochastic purifier)"
             )
-    elif len(seeds) != images.shape[0]:
-        raise ValueError("one seed per image")
+    else:
+        seeds = check_seeds(seeds, images.shape[0])
     if purifier is not None:
         model = DefendedClassifier(purifier, model, eot=c.eot, seeds=seeds)
     eps, alpha = c.eps / 255.0, c.step_size / 255.0
@@ -279,10 +324,23 @@ def attack(
         ).to(clean.device)
         x = (clean + eps * noise).clamp(0, 1)
     low, high = clean - eps, clean + eps
-    for step in range(c.steps):
-        grad = loss_gradient(model, x, labels, targeted=c.targeted, step=step)
-        x = torch.sign(grad).mul_(alpha).add_(x.detach()).clamp_(low, high).clamp_(0, 1)
+    with _eval_mode(model):
+        for step in range(c.steps):
+            grad = loss_gradient(model, x, labels, targeted=c.targeted, step=step)
+            x = torch.sign(grad).mul_(alpha).add_(x.detach()).clamp_(low, high).clamp_(0, 1)
     return quantize(x).detach()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (fixed BatchNorm statistics, no dropout), then as it was."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def attack_in_batches(
@@ -301,7 +359,12 @@ def attack_in_batches(
 
     ``progress``: optional callable given the number of images finished after each chunk.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise AttackError(f"batch_size={batch_size!r}: must be an integer >= 1")
+    if device is None:
+        weight = next(model.parameters(), None)
+        device = weight.device if weight is not None else images.device
+    device = torch.device(device)
     out = []
     for start in range(0, images.shape[0], batch_size):
         stop = start + batch_size

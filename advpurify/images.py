@@ -102,10 +102,13 @@ def read_image_file(path: Path | str, max_pixels: int | None = MAX_IMAGE_PIXELS)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         raise ImageDecodeError(path, f"cannot read file ({error.strerror or error})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ImageDecodeError(path, "is a folder, not a file")
+        raise ImageDecodeError(path, "not a regular file (a FIFO, device or socket)")
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageDecodeError(path, "not a regular file (a FIFO, device or socket)")
         if max_pixels is not None and info.st_size > _MAX_BYTES_PER_PIXEL * max_pixels + _SLACK:
             raise ImageDecodeError(
                 path,
@@ -251,11 +254,16 @@ def _pil_to_float(img: Image.Image) -> np.ndarray:
         return np.repeat(gray[..., None], 3, axis=2)
     if img.mode == "I":
         gray = np.asarray(img, dtype=np.float32)
-        scale = 65535.0 if gray.max(initial=0) > 255 else 255.0
-        return np.repeat((gray / scale)[..., None], 3, axis=2)
-    if img.mode == "F":
-        gray = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+        # A 16-bit PGM/PPM is 16-bit whatever its pixels; elsewhere (32-bit TIFF) the range is
+        # guessed from the values, then clipped.
+        wide = img.format == "PPM" or gray.max(initial=0) > 255
+        gray = np.clip(gray / (65535.0 if wide else 255.0), 0.0, 1.0)
         return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode == "F":
+        gray = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(gray).all():
+            raise ValueError("float pixels that are NaN or infinite")
+        return np.repeat(np.clip(gray, 0.0, 1.0)[..., None], 3, axis=2)
     has_alpha = img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
     img = img.convert("RGBA" if has_alpha else "RGB")  # CMYK, palette, L, 1 included
     return np.asarray(img, dtype=np.float32) / 255.0

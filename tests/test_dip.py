@@ -46,7 +46,7 @@ def test_paper_preset_and_overrides() -> None:
     fast = create_purifier("dip").settings.resolve()
     assert fast.iterations == PRESETS["fast"]["iterations"]
     custom = create_purifier(
-        "dip", preset="paper", iterations=7, channels=16, lr=0.02, ema=0, stop="variance"
+        "dip", preset="paper", iterations=7, channels=16, lr=0.02, ema=0, stop="variance", window=5
     ).settings.resolve()
     values = (custom.iterations, custom.channels, custom.lr, custom.ema, custom.stop)
     assert values == (7, 16, 0.02, 0.0, "variance")

@@ -95,15 +95,18 @@ def test_jpeg_and_bitdepth_unchanged(batch224: torch.Tensor) -> None:
     # Halfway levels (k + 0.5) / 255 and values outside [0, 1] exercise rounding and clamping.
     halves = (torch.arange(3 * 37 * 53).reshape(1, 3, 37, 53) % 256 + 0.5) / 255
     wide = torch.linspace(-0.2, 1.2, 3 * 40 * 30).reshape(1, 3, 40, 30)
+    # Calls refuse values outside [0, 1]; the methods themselves still clamp (``purify``).
     for images in (batch224[:3], halves, wide):
+        seeds = [0] * images.shape[0]
         for quality in (75, 30):
-            assert torch.equal(
-                create_purifier("jpeg", quality=quality)(images), _jpeg_before(images, quality)
-            )
+            jpeg = create_purifier("jpeg", quality=quality)
+            assert torch.equal(jpeg.purify(images, seeds), _jpeg_before(images, quality))
         for bits in (1, 3, 8):
             levels = 2**bits - 1
             before = images.clamp(0, 1).mul(levels).round().div(levels)
-            assert torch.equal(create_purifier("bitdepth", bits=bits)(images), before)
+            bitdepth = create_purifier("bitdepth", bits=bits)
+            assert torch.equal(bitdepth.purify(images, seeds), before)
+    assert torch.equal(bitdepth(batch224[:3]), bitdepth.purify(batch224[:3], [0] * 3))
 
 
 def test_tvm_matches_scikit_image(batch224: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import typing
 import zlib
 from collections.abc import Iterable, Sequence
@@ -22,6 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from advpurify.devices import resolve_device
 from advpurify.errors import AdvpurifyError
 from advpurify.registry import Registry
 
@@ -188,7 +190,7 @@ class Purifier:
                 f"got {type(settings).__name__}"
             )
         self.settings = settings
-        self.device = torch.device(device)
+        self.device = resolve_device(str(device))
 
     @classmethod
     def from_values(cls, device: str | torch.device = "cpu", **values: Any) -> Purifier:
@@ -206,16 +208,16 @@ class Purifier:
                     f"purifier {self.name} is stochastic: pass one seed per image (seeds=...)"
                 )
             seeds = [0] * images.shape[0]  # unused by a deterministic method
-        seeds = [int(s) for s in seeds]
-        if len(seeds) != images.shape[0]:
-            raise ValueError(f"{len(seeds)} seeds for a batch of {images.shape[0]} images")
+        seeds = check_seeds(seeds, images.shape[0])
+        if images.shape[0] == 0:
+            return images.clone()
         out = self.purify(images, seeds)
         if out.shape != images.shape:
             raise RuntimeError(
                 f"purifier {self.name} returned shape {tuple(out.shape)} "
                 f"for input {tuple(images.shape)}"
             )
-        return out
+        return out.contiguous()  # a codec's H x W x C buffer comes back as a permuted view
 
     def config(self) -> dict[str, Any]:
         """What identifies this purifier's output: its name and every setting's value."""
@@ -239,12 +241,46 @@ def make_settings(cls: type[Purifier], values: dict[str, Any]) -> Settings:
 
 
 def check_images(images: torch.Tensor) -> None:
+    """``N x 3 x H x W`` float32 with every value in ``[0, 1]`` (NaN and inf refused)."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected N x 3 x H x W images, got shape {tuple(images.shape)}")
     if images.dtype != torch.float32:
         raise ValueError(f"expected float32 images, got {images.dtype}")
+    if images.numel():
+        # One pass for both bounds; NaN fails both comparisons. Catches normalised inputs too.
+        low, high = (float(v) for v in torch.aminmax(images.detach()))
+        if not (0.0 <= low and high <= 1.0):
+            raise ValueError(
+                f"images must hold values in [0, 1]: found {low:g} to {high:g} "
+                "(NaN or inf, or normalised images?)"
+            )
+
+
+SEED_LIMIT = 2**64
+"""Seeds are integers in ``0 .. 2**64 - 1`` (what ``torch.Generator.manual_seed`` takes)."""
+
+
+def check_seeds(seeds: Sequence[int], n: int) -> list[int]:
+    """``seeds`` as a list of ``n`` plain ints, each an integer (no bool, float or str) in
+    ``0 .. 2**64 - 1``."""
+    if isinstance(seeds, str | bytes) or not isinstance(seeds, Iterable):
+        raise ValueError(f"seeds={seeds!r}: expected a sequence of integers, one per image")
+    checked = []
+    for seed in seeds:
+        if isinstance(seed, bool):
+            raise ValueError(f"seeds: {seed!r} is not an integer")
+        try:
+            value = operator.index(seed)  # ints, numpy ints, integer tensors; not floats
+        except TypeError:
+            raise ValueError(f"seeds: {seed!r} is not an integer") from None
+        if not 0 <= value < SEED_LIMIT:
+            raise ValueError(f"seeds: {value} is outside 0..2**64-1")
+        checked.append(value)
+    if len(checked) != n:
+        raise ValueError(f"{len(checked)} seeds for a batch of {n} images")
+    return checked
 
 
 def image_seed(base_seed: int, key: str) -> int:

@@ -111,6 +111,12 @@ class DipSettings:
             raise ParamError(f"conv={self.conv!r}: must be one of {', '.join(CONV_MODES)}")
         if not 0.0 <= self.ema < 1.0:
             raise ParamError(f"ema={self.ema!r}: must be in [0, 1)")
+        if self.stop == "variance" and self.iterations < self.window:
+            # The running variance needs a full window of outputs before any can be chosen.
+            raise ParamError(
+                f"stop=variance: iterations={self.iterations} is below window={self.window}; "
+                "raise iterations or lower window"
+            )
 
     @classmethod
     def from_preset(cls, preset: str = "fast", **overrides: Any) -> DipSettings:
@@ -162,6 +168,9 @@ class DipOptions(Settings):
         "auto: grouped on CUDA, split on CPU (faster there, and bit-identical to one by one)",
         choices=CONV_MODES,
     )
+
+    def validate(self) -> None:
+        self.resolve()  # the preset and the overrides together (stop=variance vs iterations)
 
     def resolve(self) -> DipSettings:
         """The complete fit settings: the preset with this object's values on top."""

@@ -19,13 +19,27 @@ from advpurify.purifiers.base import ParamError, Purifier, Settings, generators,
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
 
 
+class _ClipToUnit(torch.autograd.Function):
+    """``clamp(0, 1)`` whose gradient is the identity. The clip only removes rounding (a sum of
+    weights 1 over white pixels gives 1.0000001) and bicubic's overshoot; clamp's own zero
+    gradient there would freeze every saturated pixel of an attack through the resize."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
 def resize(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """Resize with antialiasing when shrinking (where torch supports it), clipped to [0, 1]."""
     if mode in ("bilinear", "bicubic"):
         out = F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=True)
     else:
         out = F.interpolate(images, size=size, mode=mode)
-    return out.clamp(0.0, 1.0)
+    return _ClipToUnit.apply(out)
 
 
 def _quantized(images: torch.Tensor) -> torch.Tensor:
