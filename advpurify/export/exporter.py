@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advpurify import checks
 from advpurify.errors import AdvpurifyError
 from advpurify.models.registry import Exportable, get_exportable
 from advpurify.runtime.installed import require, unavailable_reason
@@ -264,6 +265,7 @@ def export_fused(
     """One graph: ``purifier`` (with ``params``) then ``classifier``, on ``size x size`` input."""
     from advpurify.export.fused import build_purifier, fused_pair
 
+    checks.at_least("size", size, 16)  # as the CLI's --size
     method = build_purifier(purifier, params)  # refuses non-exportable methods first
     entry = get_exportable(classifier)
     if entry.output != "logits":
