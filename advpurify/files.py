@@ -56,6 +56,8 @@ def atomic_output(path: Path | str, root: Path | str | None = None) -> Iterator[
         os.fchmod(fd, FILE_MODE)
         os.close(fd)
         yield tmp
+        # Again: a writer that recreates the file (safetensors' save_file) drops the mode.
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

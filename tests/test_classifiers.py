@@ -292,3 +292,15 @@ def test_labels_csv_header_only_before_the_first_label(tmp_path):
     csv_path.write_text("a.jpg,1\npath,label\n")
     with pytest.raises(LabelError, match="line 2"):
         read_labels_csv(csv_path)
+
+
+def test_labels_csv_refuses_a_path_labelled_twice_and_reads_a_negative_first_label(tmp_path):
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("a.jpg,8\nb.jpg,3\na.jpg,9\n")
+    with pytest.raises(LabelError, match=r"line 3: a.jpg is labelled twice \(8 and 9\)"):
+        read_labels_csv(csv_path)
+    csv_path.write_text("a.jpg,8\na.jpg,8\n")  # the same twice: harmless
+    assert read_labels_csv(csv_path) == {"a.jpg": 8}
+    csv_path.write_text("a.jpg,-1\nb.jpg,2\n")
+    with pytest.raises(LabelError, match="line 1"):
+        read_labels_csv(csv_path)

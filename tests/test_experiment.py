@@ -381,3 +381,22 @@ def test_cheap_checks_come_before_the_classifier_loads(tmp_path, args, message, 
     result = invoke(*[a.format(data=data, tmp=tmp_path) for a in args])
     assert result.exit_code == 1, result.output
     assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_experiment_without_a_grid_writes_the_report_never_through_symlinks(tmp_path, sample_paths):
+    data = tmp_path / "data"
+    _link_samples(sample_paths, data, 2)
+    out = tmp_path / "report"
+    (out / "figures").mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (out / "predictions.csv").symlink_to(victim)
+    (out / "figures" / "accuracy.png").symlink_to(victim)
+    result = invoke(
+        "experiment", "--data", data, "-o", out, *LITE0, "--methods", "bitdepth", "--grid", "0"
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "report.md").is_file() and not (out / "figures" / "grid.png").exists()
+    assert victim.read_text() == "precious\n"
+    for written in (out / "predictions.csv", out / "figures" / "accuracy.png"):
+        assert written.is_file() and not written.is_symlink()

@@ -224,3 +224,16 @@ def test_strict_jpeg_decode_gives_pillows_pixels(sample_paths: list[Path]) -> No
         assert np.array_equal(decode_jpeg_rgb(data), expected)
     with pytest.raises(ValueError, match="libjpeg"):
         decode_jpeg_rgb(photos[0][: len(photos[0]) // 2])
+
+
+def test_atomic_output_keeps_the_usual_mode_when_the_writer_recreates_the_file(
+    tmp_path: Path,
+) -> None:
+    from safetensors.torch import save_file
+
+    target = tmp_path / "w.safetensors"
+    with atomic_output(target) as tmp:
+        save_file({"a": torch.zeros(2)}, str(tmp))  # replaces the file mkstemp made (0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

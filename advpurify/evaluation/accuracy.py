@@ -19,6 +19,7 @@ from advpurify.evaluation.labels import (
     label_from_path,
     resolve_labels,
 )
+from advpurify.files import atomic_output, atomic_write_bytes
 from advpurify.models.classifiers import LoadedClassifier
 from advpurify.models.imagenet import class_name, wnids
 
@@ -87,15 +88,14 @@ class FolderEvaluation:
         }
 
     def write_json(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+        atomic_write_bytes(path, (json.dumps(self.summary(), indent=2) + "\n").encode())
 
     def write_csv(self, path: Path) -> None:
         """One row per image: path, label, top-5 predictions, hit at 1/3/5."""
         path.parent.mkdir(parents=True, exist_ok=True)
         labels = torch.tensor(self.labels)
         hits = {k: topk_hits(self.predictions, labels, k) for k in TOP_K}
-        with path.open("w", newline="", encoding="utf-8") as handle:
+        with atomic_output(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             writer.writerow(
                 [

@@ -24,7 +24,7 @@ from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk
 from advpurify.evaluation.dataset import list_images, load_dataset, to_float
 from advpurify.evaluation.labels import resolve_labels
 from advpurify.evaluation.stages import Stage
-from advpurify.files import check_output_outside
+from advpurify.files import atomic_output, check_output_outside
 from advpurify.models.classifiers import LoadedClassifier, load_classifier
 from advpurify.purifiers import create_purifier, purifier_class
 from advpurify.purifiers.base import ParamError, Purifier, image_seed
@@ -429,7 +429,7 @@ def _write_predictions(
     import csv
 
     names = list(predictions)
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_output(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", *names])
         for i, key in enumerate(keys):

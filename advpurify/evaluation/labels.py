@@ -75,11 +75,16 @@ def read_labels_csv(csv_path: Path) -> dict[str, int]:
             if len(row) < 2:
                 raise LabelError(f"labels file {csv_path}, line {line_no}: expected path,label")
             path, value = row[0].strip(), row[1].strip()
-            header = first and not value.isdigit() and not WNID_PATTERN.fullmatch(value)
+            number = value.lstrip("+-").isdigit()  # "-1" is a bad label, not a header
+            header = first and not number and not WNID_PATTERN.fullmatch(value)
             first = False
             if header:
                 continue  # a header: the first row, after any comments
-            labels[path] = parse_label(value, f"labels file {csv_path}, line {line_no}")
+            where = f"labels file {csv_path}, line {line_no}"
+            label = parse_label(value, where)
+            if labels.get(path, label) != label:
+                raise LabelError(f"{where}: {path} is labelled twice ({labels[path]} and {label})")
+            labels[path] = label
     if not labels:
         raise LabelError(f"labels file {csv_path}: no labels in it")
     return labels

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from advpurify.evaluation.dataset import Dataset, to_float
-from advpurify.files import atomic_write_bytes
+from advpurify.files import atomic_output, atomic_write_bytes
 from advpurify.models.imagenet import class_name
 
 
@@ -122,15 +122,16 @@ def write_report(
         "adversarial": predictions["adversarial"][:count, 0],
         **{m: predictions[f"{m}/adversarial"][:count, 0] for m in purified},
     }
-    image_grid(
-        figures / "grid.png",
-        data.images[:count],
-        adversarial,
-        purified,
-        labels[:count],
-        grid_preds,
-        report["attack"]["eps"],
-    )
+    if count:  # --grid 0: no example figure
+        image_grid(
+            figures / "grid.png",
+            data.images[:count],
+            adversarial,
+            purified,
+            labels[:count],
+            grid_preds,
+            report["attack"]["eps"],
+        )
     accuracy_chart(figures / "accuracy.png", report)
     atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     atomic_write_bytes(out / "report.md", markdown(report).encode())
@@ -184,8 +185,19 @@ def image_grid(
             if r == 0:
                 ax.set_title(name, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> None:
+    """Write a matplotlib figure as PNG through a temporary file (never half a file, never
+    through a symlink at the target), and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+            fig.savefig(handle, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
 
 
 def accuracy_chart(path: Path, report: dict[str, Any]) -> None:
@@ -217,5 +229,4 @@ def accuracy_chart(path: Path, report: dict[str, Any]) -> None:
     ax.set_title(f"{report['classifier']}, {report['attack_description']}", fontsize=9, loc="left")
     ax.legend(fontsize=7, ncol=3, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advpurify.errors import AdvpurifyError
+from advpurify.evaluation.report import save_figure
 from advpurify.models.registry import get_exportable
 from advpurify.purifiers import Purifier, create_purifier, purifier_class
 from advpurify.runtime.backends import Backend, create_backend
@@ -864,6 +865,4 @@ def plot_methods(results: Sequence[MethodBenchResult], path: Path | str, title: 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, Path(path), dpi=110)
