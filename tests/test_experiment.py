@@ -400,3 +400,27 @@ def test_experiment_without_a_grid_writes_the_report_never_through_symlinks(tmp_
     assert victim.read_text() == "precious\n"
     for written in (out / "predictions.csv", out / "figures" / "accuracy.png"):
         assert written.is_file() and not written.is_symlink()
+
+
+def test_a_replaced_or_relabelled_image_is_attacked_again_on_a_rerun(tmp_path, sample_paths):
+    data, out = tmp_path / "data", tmp_path / "report"
+    data.mkdir()
+    (data / "x.jpg").write_bytes(sample_paths[0].read_bytes())
+    (data / "y.jpg").write_bytes(sample_paths[1].read_bytes())
+    labels = tmp_path / "labels.csv"
+    labels.write_text("x.jpg,1\ny.jpg,2\n")
+    args = ["--methods", "bitdepth", "--labels", labels, "--grid", "0", *LITE0]
+    assert invoke("experiment", "--data", data, "-o", out, *args).exit_code == 0
+    adv = out / "adversarial" / "images"
+    y_before = (adv / "y.png").stat().st_mtime_ns
+
+    (data / "x.jpg").write_bytes(sample_paths[2].read_bytes())  # same name, another photo
+    labels.write_text("x.jpg,1\ny.jpg,3\n")  # and y relabelled
+    assert invoke("experiment", "--data", data, "-o", out, *args).exit_code == 0
+    fresh = tmp_path / "fresh"
+    assert invoke("experiment", "--data", data, "-o", fresh, *args).exit_code == 0
+    for name in ("x.png", "y.png"):
+        assert (adv / name).read_bytes() == (fresh / "adversarial" / "images" / name).read_bytes()
+    assert (adv / "y.png").stat().st_mtime_ns != y_before  # a new label: a new attack
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert rows == (fresh / "predictions.csv").read_text().splitlines()

@@ -24,7 +24,7 @@ from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk
 from advpurify.evaluation.dataset import list_images, load_dataset, to_float
 from advpurify.evaluation.labels import resolve_labels
 from advpurify.evaluation.stages import Stage
-from advpurify.files import atomic_output, check_output_outside
+from advpurify.files import atomic_output, check_output_outside, sha256_file
 from advpurify.models.classifiers import LoadedClassifier, load_classifier
 from advpurify.purifiers import create_purifier, purifier_class
 from advpurify.purifiers.base import ParamError, Purifier, image_seed
@@ -194,6 +194,11 @@ class Experiment:
             "labels_file": str(config.labels_csv) if config.labels_csv else None,
             "seed": config.seed,
         }
+        # Per image: its file's contents and its label, which every stored output depends on.
+        self.sources = {
+            key: f"{sha256_file(path)}:{int(label)}"
+            for key, path, label in zip(self.keys, self.data.paths, self.labels, strict=True)
+        }
         self._add_row("clean", Row("Clean", "clean", None, "clean", {}), clean_preds)
 
     def attack_images(self) -> None:
@@ -333,7 +338,7 @@ class Experiment:
 
     # ------------------------------------------------------------------ helpers
     def _stage(self, folder: Path, **key: Any) -> Stage:
-        return Stage(folder, {**self.base_key, **key}, self.config.overwrite)
+        return Stage(folder, {**self.base_key, **key}, self.config.overwrite, self.sources)
 
     def _add_row(self, name: str, row: Row, predictions: torch.Tensor) -> None:
         row.metrics = topk_accuracy(predictions, self.labels)

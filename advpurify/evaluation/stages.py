@@ -1,10 +1,11 @@
 """Resumable experiment stages: per-image PNGs and the configuration they came from.
 
 A stage folder holds ``config.json`` (what produced it), one lossless PNG per image (named by the
-image's relative path) and ``timing.json`` (seconds spent and images computed, so a resumed run
-still reports the true cost per image). A rerun with the same configuration reuses every image
-already written; a rerun with a different one is refused (or, with ``overwrite``, starts over)
-rather than silently mixing results.
+image's relative path), ``sources.json`` (per image, the digest of the file and the label it was
+made from: a replaced or relabelled image is made again) and ``timing.json`` (seconds spent and
+images computed, so a resumed run still reports the true cost per image). A rerun with the same
+configuration reuses every image already written; a rerun with a different one is refused (or,
+with ``overwrite``, starts over) rather than silently mixing results.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,17 @@ def _dump(data: Any) -> str:
 
 
 class Stage:
-    def __init__(self, folder: Path, config: dict[str, Any], overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        config: dict[str, Any],
+        overwrite: bool = False,
+        sources: Mapping[str, str] | None = None,
+    ) -> None:
+        """``sources``: per image key, a fingerprint of what its output is made from (the
+        input file's digest and its label); an output stored for another fingerprint is
+        made again (the file at that path was replaced, or relabelled)."""
+        self.sources = dict(sources) if sources is not None else None
         self.folder = Path(folder)
         self.config = json.loads(_dump(config))  # normalised: what a reload gives back
         config_path = self.folder / "config.json"
@@ -51,6 +62,10 @@ class Stage:
         """Each image's PNG, named as ``purify-batch`` names outputs: ``a.jpg`` -> ``a.png``,
         and ``a.jpg.png`` / ``a.png.png`` where ``a.jpg`` and ``a.png`` are both inputs."""
         return [self.folder / "images" / name for name in mirror_names(keys, ".png")]
+
+    def _made_from(self) -> dict[str, Any]:
+        path = self.folder / "sources.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
 
     def _timing(self) -> dict[str, float]:
         path = self.folder / "timing.json"
@@ -77,8 +92,10 @@ class Stage:
         outputs: list[torch.Tensor | None] = [None] * len(keys)
         missing = []
         paths = self.paths(keys)
-        for i, path in enumerate(paths):
-            if path.is_file():
+        made_from = self._made_from()
+        for i, (key, path) in enumerate(zip(keys, paths, strict=True)):
+            current = self.sources is None or made_from.get(key) == self.sources.get(key)
+            if current and path.is_file():
                 outputs[i] = to_uint8(load_image(path))
             else:
                 missing.append(i)
@@ -96,6 +113,9 @@ class Stage:
             for index, image in zip(chunk, result, strict=True):
                 save_image(to_float(image), paths[index], fmt="png")
                 outputs[index] = image
+            if self.sources is not None:  # after the images: a crash between redoes them
+                made_from.update({keys[i]: self.sources.get(keys[i]) for i in chunk})
+                atomic_write_bytes(self.folder / "sources.json", _dump(made_from).encode())
             timing = self._timing()
             timing["seconds"] += seconds
             timing["images"] += len(chunk)
