@@ -424,3 +424,29 @@ def test_a_replaced_or_relabelled_image_is_attacked_again_on_a_rerun(tmp_path, s
     assert (adv / "y.png").stat().st_mtime_ns != y_before  # a new label: a new attack
     rows = (out / "predictions.csv").read_text().splitlines()
     assert rows == (fresh / "predictions.csv").read_text().splitlines()
+
+
+def test_a_method_with_other_settings_is_refused_before_any_work(tmp_path, sample_paths):
+    data, out = tmp_path / "data", tmp_path / "report"
+    _link_samples(sample_paths, data, 2)
+    first = ["--methods", "bitdepth,jpeg", "--grid", "0", *LITE0]
+    assert invoke("experiment", "--data", data, "-o", out, *first).exit_code == 0
+    # bitdepth comes first and is unchanged; jpeg's quality is not: refused before bitdepth runs.
+    result = invoke(
+        "experiment",
+        "--data",
+        data,
+        "-o",
+        out,
+        "--methods",
+        "bitdepth,jpeg",
+        "--param",
+        "jpeg.quality=50",
+        "--grid",
+        "0",
+        *LITE0,
+    )
+    assert result.exit_code == 1 and "jpeg/adversarial holds results made with other" in (
+        result.stderr
+    )
+    assert "bitdepth on adversarial" not in result.stderr

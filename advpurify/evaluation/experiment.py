@@ -150,6 +150,7 @@ class Experiment:
     def run(self) -> ExperimentResult:
         self.load()
         self.label()
+        self.open_stages()  # a stage holding other settings is refused before any work
         self.attack_images()
         for method in self.purifiers:
             self.purify(method)
@@ -215,7 +216,7 @@ class Experiment:
                 seeds=[self.seeds[i] for i in indices],
             )
 
-        self.adv_stage = self._stage(self.out / "adversarial", attack=self.attack_config.as_dict())
+        self.adv_stage = self._adversarial_stage()
         self.adversarial = self.adv_stage.run(
             self.keys, compute, self.config.batch_size, _progress(self.log, "adversarial")
         )
@@ -226,13 +227,7 @@ class Experiment:
         """One purifier on the adversarial and on the clean images: two rows."""
         purifier = self.purifiers[method]
         for source, images in (("adversarial", self.adversarial), ("clean", self.data.images)):
-            extra = {"attack": self.attack_config.as_dict()} if source == "adversarial" else {}
-            stage = self._stage(
-                self.out / "methods" / method / source,
-                purifier=purifier.config(),
-                input=source,
-                **extra,
-            )
+            stage = self._method_stage(method, source)
 
             def compute(indices: list[int], images=images) -> torch.Tensor:
                 batch = to_float(images[indices]).to(self.device)
@@ -261,16 +256,13 @@ class Experiment:
         config, n = self.config, len(self.keys)
         self.subset = sorted(random.Random(config.seed).sample(range(n), min(config.adaptive_n, n)))
         self.subset_keys = [self.keys[i] for i in self.subset]
-        self.pgd = AttackConfig(
-            name="pgd", eps=self.attack_config.eps, steps=config.adaptive_steps, eot=config.eot
-        ).resolved()
         self.adaptive_info = {
             "attack": self.pgd.as_dict(),
             "attack_description": self.pgd.describe() + f" BPDA+EOT({config.eot})",
             "n": len(self.subset),
             "images": self.subset_keys,
         }
-        plain = self._adaptive_attack(None, self.out / "adaptive" / "none")
+        plain = self._adaptive_attack(None)
         self.rows["adversarial"].adaptive = self._adaptive_fields("adversarial", plain)
         for method in self.purifiers:
             self.adaptive_method(method)
@@ -278,11 +270,8 @@ class Experiment:
     def adaptive_method(self, method: str) -> None:
         """The adaptive attack on ``method`` + classifier, then ``method`` on its images."""
         purifier = self.purifiers[method]
-        folder = self.out / "adaptive" / method
-        adversarial = self._adaptive_attack(purifier, folder)
-        stage = self._stage(
-            folder / "purified", adaptive_attack=self.pgd.as_dict(), purifier=purifier.config()
-        )
+        adversarial = self._adaptive_attack(method)
+        stage = self._adaptive_purified_stage(method)
         seeds = [self.seeds[i] for i in self.subset]
 
         def compute(indices: list[int]) -> torch.Tensor:
@@ -345,13 +334,57 @@ class Experiment:
         self.rows[name] = row
         self.predictions[name] = predictions
 
-    def _adaptive_attack(self, purifier: Purifier | None, folder: Path) -> torch.Tensor:
-        """The adaptive PGD on the subset, through ``purifier`` (None: the plain classifier)."""
-        stage = self._stage(
-            folder,
+    def open_stages(self) -> None:
+        """Every stage this run will fill, opened now: one that holds results of other
+        settings is refused (or, with overwrite, cleared) before the first attack, not when
+        the run reaches it hours later."""
+        self.pgd = AttackConfig(
+            name="pgd",
+            eps=self.attack_config.eps,
+            steps=self.config.adaptive_steps,
+            eot=self.config.eot,
+        ).resolved()
+        self._adversarial_stage()
+        for method in self.purifiers:
+            for source in ("adversarial", "clean"):
+                self._method_stage(method, source)
+            if self.config.adaptive:
+                self._adaptive_attack_stage(method)
+                self._adaptive_purified_stage(method)
+        if self.config.adaptive:
+            self._adaptive_attack_stage(None)
+
+    def _adversarial_stage(self) -> Stage:
+        return self._stage(self.out / "adversarial", attack=self.attack_config.as_dict())
+
+    def _method_stage(self, method: str, source: str) -> Stage:
+        extra = {"attack": self.attack_config.as_dict()} if source == "adversarial" else {}
+        return self._stage(
+            self.out / "methods" / method / source,
+            purifier=self.purifiers[method].config(),
+            input=source,
+            **extra,
+        )
+
+    def _adaptive_attack_stage(self, method: str | None) -> Stage:
+        purifier = self.purifiers[method] if method is not None else None
+        return self._stage(
+            self.out / "adaptive" / (method or "none"),
             adaptive_attack=self.pgd.as_dict(),
             purifier=purifier.config() if purifier is not None else None,
         )
+
+    def _adaptive_purified_stage(self, method: str) -> Stage:
+        return self._stage(
+            self.out / "adaptive" / method / "purified",
+            adaptive_attack=self.pgd.as_dict(),
+            purifier=self.purifiers[method].config(),
+        )
+
+    def _adaptive_attack(self, method: str | None) -> torch.Tensor:
+        """The adaptive PGD on the subset, through ``method`` (None: the plain classifier)."""
+        purifier = self.purifiers[method] if method is not None else None
+        stage = self._adaptive_attack_stage(method)
         labels = self.labels[self.subset]
         seeds = [self.seeds[i] for i in self.subset]
 
@@ -370,7 +403,7 @@ class Experiment:
             self.subset_keys,
             compute,
             self.config.batch_size,
-            _progress(self.log, folder.name + " (adaptive)"),
+            _progress(self.log, (method or "none") + " (adaptive)"),
         )
 
     def _adaptive_fields(self, row: str, images: torch.Tensor) -> dict[str, float]:
