@@ -188,6 +188,18 @@ def test_a_file_that_disagrees_with_torch_fails_loudly_and_is_not_kept(tmp_path)
     with pytest.raises(ExportError, match="does not match torch"):
         export_model("test-lying", target)
     assert not target.exists()
+    export_model("test-tiny", target)  # a good file there: a failed export leaves it alone
+    good = target.read_bytes()
+    with pytest.raises(ExportError, match="does not match torch"):
+        export_model("test-lying", target)
+    assert target.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+@pytest.mark.parametrize("opset", [17, 999, True])
+def test_an_opset_the_exporters_cannot_write_is_refused_before_exporting(tmp_path, opset):
+    with pytest.raises(ExportError, match=f"opset {opset!r}: use 18 to"):
+        export_model("test-tiny", tmp_path / "x.onnx", opset=opset)
+    assert not (tmp_path / "x.onnx").exists()
 
 
 @pytest.mark.parametrize("method", ["rescale", "bitdepth", "median"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -21,12 +22,14 @@ from torch import nn
 
 from advpurify import checks
 from advpurify.errors import AdvpurifyError
+from advpurify.files import atomic_output
 from advpurify.models.registry import Exportable, get_exportable
 from advpurify.runtime.installed import require, unavailable_reason
 from advpurify.runtime.onnx import (
     DEFAULT_OPSET,
     ExportError,
     check_model,
+    check_opset,
     compare_with_torch,
     export_onnx,
     read_metadata,
@@ -135,7 +138,9 @@ def _export_checked(
         "source": source,
     }
     with tempfile.TemporaryDirectory(prefix="advpurify-export-") as scratch:
-        onnx_path = Path(scratch) / (output.stem + ".onnx") if engine_target else output
+        # Written and checked aside; only a file that passed replaces the target (a failed or
+        # interrupted export leaves the previous file as it was).
+        onnx_path = Path(scratch) / (output.stem + ".onnx")
         example = inputs[: (batch or 2)]
         if batch and example.shape[0] < batch:
             example = example[:1].expand(batch, *example.shape[1:]).contiguous()
@@ -168,17 +173,23 @@ def _export_checked(
             raise
         exporter = read_metadata(onnx_path).get("advpurify.exporter", "?")
         if not engine_target:
+            _move_into_place(onnx_path, output)
             seconds = time.perf_counter() - started
             return ExportResult(output, parity, exporter, seconds, provider_parity=on_gpu)
         notify(f"building the TensorRT engine ({'fp16' if fp16 else 'fp32'}, strongly typed)")
-        build_engine(onnx_path, output, max_batch=batch or 128, opt_batch=batch or 16)
-        try:
-            engine_parity = check_engine(reference, output, **checks)
-        except BaseException:
-            output.unlink(missing_ok=True)
-            raise
+        engine = Path(scratch) / output.name
+        build_engine(onnx_path, engine, max_batch=batch or 128, opt_batch=batch or 16)
+        engine_parity = check_engine(reference, engine, **checks)
+        _move_into_place(engine, output)
         elapsed = time.perf_counter() - started
         return ExportResult(output, parity, exporter, elapsed, engine_parity=engine_parity)
+
+
+def _move_into_place(checked: Path, output: Path) -> None:
+    """Copy a checked file over ``output`` atomically (the scratch folder may be on another
+    file system, where a rename cannot reach)."""
+    with atomic_output(output) as tmp:
+        shutil.copyfile(checked, tmp)
 
 
 def check_engine(
@@ -222,6 +233,7 @@ def export_model(
     notify: Callable[[str], None] = lambda _m: None,
 ) -> ExportResult:
     """Export registered model ``name`` (preprocessing inside) to ``output`` (.onnx or .engine)."""
+    check_opset(opset)  # before the model is built
     entry = get_exportable(name)
     module = entry.build(weights)
     inputs, source = check_inputs(entry, entry.sample_shape, check_images, check_count)
@@ -266,6 +278,7 @@ def export_fused(
     from advpurify.export.fused import build_purifier, fused_pair
 
     checks.at_least("size", size, 16)  # as the CLI's --size
+    check_opset(opset)
     method = build_purifier(purifier, params)  # refuses non-exportable methods first
     entry = get_exportable(classifier)
     if entry.output != "logits":

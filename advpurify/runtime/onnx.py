@@ -8,7 +8,7 @@ recorded in the file's metadata. The batch axis is dynamic unless a fixed batch 
 
 Every export is checked twice: ``onnx.checker`` (structure, types, opset), then ONNX Runtime's
 output against torch's on the same inputs (max abs difference, top-1 agreement for logits);
-past the tolerance the export fails loudly and the file is removed.
+past the tolerance the export fails loudly and no file is kept.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ def export_onnx(
     the fixed batch when ``dynamic_batch`` is false). Returns the path written.
     """
     path = Path(path)
+    check_opset(opset)
     module = on_cpu(module)
     example = example.detach().to("cpu", torch.float32)
     if fp16:
@@ -71,8 +72,32 @@ def export_onnx(
         example = example.expand(2, *example.shape[1:]).contiguous()
     with atomic_output(path) as tmp:
         exporter = _export_to(module, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
+        written = file_opset(tmp)
+        if written != min(opset, 20) and written != opset:
+            # torch.export writes its own opset when it cannot convert to the one asked for.
+            raise ExportError(f"opset {opset}: the exporter wrote opset {written} instead")
         _add_metadata(tmp, {"advpurify.exporter": exporter, **(metadata or {})})
     return path
+
+
+MIN_OPSET = 18  # torch.export's exporter writes 18 and above
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset the exporters cannot write, before any export."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ExportError(f"opset {opset!r}: use {MIN_OPSET} to {newest} (this onnx's newest)")
+
+
+def file_opset(path: Path | str) -> int:
+    """The default-domain opset an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _export_to(
