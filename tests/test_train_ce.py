@@ -130,6 +130,12 @@ def test_resume_continues_from_saved_step(photos: Path, tmp_path: Path) -> None:
     for key, value in g_straight.items():
         torch.testing.assert_close(g_resumed[key], value, rtol=1e-4, atol=1e-6)
 
+    # A resume with a new learning rate trains with it (the saved moments carry on).
+    trainer = Trainer(_config(photos, interrupted, steps=7, resume=True, lr=1e-3, g_lr_mult=2.0))
+    assert [g["lr"] for g in trainer.optD.param_groups] == [1e-3]
+    assert [g["lr"] for g in trainer.optG.param_groups] == [2e-3]
+    assert trainer.optG.state  # the moments were restored
+
     with pytest.raises(TrainError, match="exists: pass --resume"):
         train(_config(photos, interrupted))
     with pytest.raises(TrainError, match="trained with --size small"):

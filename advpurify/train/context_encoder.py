@@ -197,6 +197,13 @@ class Trainer:
         self.netD.load_state_dict(state["D"])
         self.optG.load_state_dict(state["optG"])
         self.optD.load_state_dict(state["optD"])
+        # The moments carry on; the rates and betas are this run's (--lr, --g-lr-mult, --beta1):
+        # load_state_dict would bring back the saved ones while the config records the new.
+        betas = (self.config.beta1, 0.999)
+        rates = ((self.optG, self.config.lr * self.config.g_lr_mult), (self.optD, self.config.lr))
+        for optimizer, lr in rates:
+            for group in optimizer.param_groups:
+                group["lr"], group["betas"] = lr, betas
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         self.start_step = self.step = int(state["step"])
