@@ -315,3 +315,28 @@ def test_a_content_length_that_is_not_a_number_is_ignored(
     url = f"http://127.0.0.1:{server.server_address[1]}/z.bin"
     download(url, tmp_path / "z.bin", size=len(lenet_bytes), progress=False)
     assert (tmp_path / "z.bin").read_bytes() == lenet_bytes
+
+
+def test_a_bad_download_without_a_checksum_is_not_kept_and_force_downloads_again(
+    home, server, lenet_source, lenet_bytes
+):
+    swap_source(  # no size, no checksum: only the conversion can tell a bad file
+        Source(
+            name="test-lenet",
+            format="caffemodel",
+            url=lenet_source.url,
+            converter=lenet_source.converter,
+        ),
+    )
+    kept = home / "downloads" / "lenet.caffemodel"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"<html>parked domain</html>")  # a finished download that is not a model
+    with pytest.raises(WeightsError, match="not a valid .caffemodel"):
+        fetch("test-lenet", progress=False)
+    assert not kept.exists()  # not reused by the next attempt
+    fetch("test-lenet", progress=False)
+    assert server.log[-1] == ("/lenet.caffemodel", None, len(lenet_bytes))
+
+    kept.write_bytes(b"<html>parked domain</html>")
+    fetch("test-lenet", progress=False, force=True, keep_download=True)  # --force: fresh bytes
+    assert kept.read_bytes() == lenet_bytes

@@ -58,16 +58,20 @@ def fetch(
         if cache.is_cached(model) and not force:
             installed.append(cache.cached_path(model))
             continue
-        installed.append(_fetch_model(model, progress=progress, keep_download=keep_download))
+        installed.append(
+            _fetch_model(model, progress=progress, keep_download=keep_download, fresh=force)
+        )
     return installed
 
 
-def _fetch_model(model: str, *, progress: bool, keep_download: bool) -> Path:
+def _fetch_model(model: str, *, progress: bool, keep_download: bool, fresh: bool) -> Path:
     failures = []
     for source in sources_for(model):
         if not source.url:
             continue
         target = cache.downloads_dir() / source.file_name
+        if fresh:
+            target.unlink(missing_ok=True)  # --force: download again, whatever is kept
         try:
             if target.exists():
                 # A finished earlier download: trust it only if it still verifies.
@@ -83,7 +87,10 @@ def _fetch_model(model: str, *, progress: bool, keep_download: bool) -> Path:
                 )
             path = _install(source, target)
         except WeightsError as error:  # unreachable, corrupt or of the wrong shapes: next source
-            if target.exists() and isinstance(error, ChecksumError):
+            # A file that fails its checksum, or one with no checksum to vouch for it that does
+            # not convert (an error page, a cut transfer), is deleted: the next try downloads.
+            unvouched = not (source.sha256 or source.sha1)
+            if target.exists() and (isinstance(error, ChecksumError) or unvouched):
                 target.unlink()
             failures.append(str(error))
             continue
