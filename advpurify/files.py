@@ -46,6 +46,8 @@ def atomic_output(path: Path | str, root: Path | str | None = None) -> Iterator[
     the temporary is deleted. With ``root``, a target whose folder resolves outside it is refused.
     """
     path = Path(path)
+    if path.is_dir():  # else the rename fails naming the hidden temporary
+        raise AdvpurifyError(f"{path} is a folder: name a file")
     top = Path(root) if root is not None else None
     _check_inside(path, top)  # before mkdir, which would follow a symlinked folder
     path.parent.mkdir(parents=True, exist_ok=True)

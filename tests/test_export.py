@@ -312,3 +312,54 @@ def test_onnx_cache_reuses_and_rebuilds_corrupt_files(tmp_path):
     os.remove(str(first) + ".sha256")  # no recorded digest: not trusted either
     cached_onnx(module, (3, 32, 32), name="tiny")
     assert (first.parent / (first.name + ".sha256")).is_file()
+
+
+def test_random_weights_are_the_same_network_every_time():
+    from advpurify.models.registry import get_model
+
+    spec = get_model("efficientnet-lite0")
+    first, second = spec.build("random").state_dict(), spec.build("random").state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    spec.build("random")  # the caller's random stream is left as it was
+    assert torch.equal(torch.rand(1), expected) and before.shape == (1,)
+
+
+def test_bench_and_triton_refuse_bad_outputs_before_any_work(tmp_path):
+    runner = CliRunner()
+    (tmp_path / "folder.json").mkdir()
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--method",
+            "rescale",
+            "--json",
+            str(tmp_path / "folder.json"),
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+        ],
+    )
+    assert result.exit_code == 1 and "is a folder" in result.output
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "--purifier",
+            "rescale",
+            "--classifier",
+            "test-tiny",
+            "--triton-repo",
+            str(tmp_path / "repo"),
+            "--triton-batch-wait-ms",
+            "-5",
+        ],
+    )
+    assert result.exit_code == 1 and "--triton-batch-wait-ms -5: must be in 0..10000" in (
+        result.output
+    )

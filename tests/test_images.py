@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from advpurify.errors import AdvpurifyError
 from advpurify.files import atomic_output, atomic_write_bytes, remove_stale_temporaries
 from advpurify.images import (
     ImageDecodeError,
@@ -237,3 +238,10 @@ def test_atomic_output_keeps_the_usual_mode_when_the_writer_recreates_the_file(
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_write_onto_a_folder_names_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "out.json").mkdir()
+    with pytest.raises(AdvpurifyError, match=r"out.json is a folder: name a file"):
+        atomic_write_bytes(tmp_path / "out.json", b"{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]

@@ -257,6 +257,9 @@ def _bench_methods(
         raise AdvpurifyError("--method takes one --backend (of --classifier) and one --precision")
     if backend and classifier is None:
         raise AdvpurifyError("--backend goes with --classifier when timing methods")
+    for path, option in ((json_file, "--json file"), (plot, "--plot file")):
+        if path is not None:
+            check_writable_file(path, option)  # before the timing, not after
     done: list = []
     settings = {"command": "bench --method", "fit_steps": fit_steps, "extrapolated": extrapolate}
 
@@ -325,6 +328,8 @@ def _bench_models(
         checks.at_least("--threads", threads, 1)
     if json_file is not None:
         check_writable_file(json_file, "--json file")
+    if eval_folder is not None and not Path(eval_folder).is_dir():
+        raise AdvpurifyError(f"--eval-folder {eval_folder}: no such folder")
     console = Console()
     results = bench(
         model,

@@ -213,6 +213,8 @@ def write_triton_repo(
         raise AdvpurifyError(f"--triton-layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if max_batch < 1:
         raise AdvpurifyError(f"--triton-max-batch {max_batch}: must be at least 1")
+    if not 0 <= batch_wait_ms <= 10_000:  # as serve's --batch-wait-ms; Triton takes no negative
+        raise AdvpurifyError(f"--triton-batch-wait-ms {batch_wait_ms:g}: must be in 0..10000")
     try:
         method = build_purifier(purifier, params)  # refuses, with the reason, before any work
     except NotExportableError as error:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from advpurify.errors import AdvpurifyError
@@ -91,7 +92,12 @@ class ModelSpec:
         return self.weights_name or self.name
 
     def build(self, weights: str | None = None) -> nn.Module:
-        return self.builder(weights).eval()
+        if weights != "random":
+            return self.builder(weights).eval()
+        # Seeded: "random" is the same network every time (and the same ONNX cache entry).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return self.builder(weights).eval()
 
 
 MODELS: Registry[ModelSpec] = Registry("model", error=UnknownModelError)
