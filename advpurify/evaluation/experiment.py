@@ -161,7 +161,6 @@ class Experiment:
     def load(self) -> None:
         """The classifier and the images (decode failures are logged and reported)."""
         config, log = self.config, self.log
-        self.out.mkdir(parents=True, exist_ok=True)
         log(f"loading classifier {config.classifier} ({config.backend}, {self.device})")
         self.classifier = load_classifier(
             config.classifier, config.backend, self.device, config.weights
@@ -172,6 +171,7 @@ class Experiment:
             config.data, self.classifier.prepare, self.classifier.input_size, config.limit
         )
         self.keys = self.data.keys()
+        self.out.mkdir(parents=True, exist_ok=True)  # once classifier and images are there
         failed = f", {len(self.data.failures)} failed to decode" if self.data.failures else ""
         log(f"{len(self.keys)} images from {self.data.root}{failed}")
         for failure in self.data.failures:

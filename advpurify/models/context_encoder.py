@@ -210,7 +210,8 @@ def load_generator(spec: str, device: str | torch.device = "cpu") -> Generator:
         except cache.WeightsNotFound as error:
             raise cache.WeightsNotFound(
                 f"{error}, or train a generator (`advpurify train context-encoder --data DIR "
-                f"-o ce.pt`) and pass -p weights=ce.pt"
+                f"-o ce.pt`) and give it as the weights setting (`-p weights=ce.pt`, or "
+                f"`--param context-encoder.weights=ce.pt` in experiment)"
             ) from None
     try:
         generator = generator_from_state_dict(state)
