@@ -363,3 +363,24 @@ def test_bench_and_triton_refuse_bad_outputs_before_any_work(tmp_path):
     assert result.exit_code == 1 and "--triton-batch-wait-ms -5: must be in 0..10000" in (
         result.output
     )
+
+
+def test_export_refuses_an_unknown_suffix_and_a_classifier_named_twice(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", "test-tiny", "-o", str(tmp_path / "x.txt")])
+    assert result.exit_code == 1 and "name an ONNX file or an engine" in result.output
+    result = runner.invoke(
+        app,
+        [
+            "export",
+            "test-lying",
+            "--purifier",
+            "rescale",
+            "--classifier",
+            "test-tiny",
+            "-o",
+            str(tmp_path / "x.onnx"),
+        ],
+    )
+    assert result.exit_code == 1 and "name the classifier once" in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -136,6 +136,10 @@ def export_command(
     if purifier is not None:
         if classifier is None and model is None:
             raise AdvpurifyError("--purifier needs --classifier MODEL")
+        if classifier is not None and model is not None and classifier != model:
+            raise AdvpurifyError(
+                f"MODEL {model!r} and --classifier {classifier!r}: name the classifier once"
+            )
         result = export_fused(
             purifier,
             classifier or model,
@@ -226,6 +230,11 @@ def bench_command(
 ) -> None:
     """Latency (p50, p95 per batch) and images/s: per model x backend x batch x precision, or
     with --method per purification method x device x batch x image size."""
+    # A value given twice would be timed twice: each once, in the order given.
+    method, model, backend, device, size, batch_size, precision = (
+        list(dict.fromkeys(values))
+        for values in (method, model, backend, device, size, batch_size, precision)
+    )
     if method:
         if model or eval_folder is not None:
             raise AdvpurifyError("--method and --model/--eval-folder are separate benchmarks")

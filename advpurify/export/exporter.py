@@ -185,6 +185,14 @@ def _export_checked(
         return ExportResult(output, parity, exporter, elapsed, engine_parity=engine_parity)
 
 
+def check_output_suffix(output: Path | str) -> None:
+    """The suffix picks what is written: ONNX (.onnx) or a TensorRT engine (.engine, .plan)."""
+    suffix = Path(output).suffix
+    if suffix != ".onnx" and suffix not in ENGINE_SUFFIXES:
+        known = ", ".join([".onnx", *sorted(ENGINE_SUFFIXES)])
+        raise AdvpurifyError(f"{output}: name an ONNX file or an engine ({known})")
+
+
 def _move_into_place(checked: Path, output: Path) -> None:
     """Copy a checked file over ``output`` atomically (the scratch folder may be on another
     file system, where a rename cannot reach)."""
@@ -234,6 +242,7 @@ def export_model(
 ) -> ExportResult:
     """Export registered model ``name`` (preprocessing inside) to ``output`` (.onnx or .engine)."""
     check_opset(opset)  # before the model is built
+    check_output_suffix(output)
     entry = get_exportable(name)
     module = entry.build(weights)
     inputs, source = check_inputs(entry, entry.sample_shape, check_images, check_count)
@@ -279,6 +288,7 @@ def export_fused(
 
     checks.at_least("size", size, 16)  # as the CLI's --size
     check_opset(opset)
+    check_output_suffix(output)
     method = build_purifier(purifier, params)  # refuses non-exportable methods first
     entry = get_exportable(classifier)
     if entry.output != "logits":
