@@ -401,3 +401,16 @@ def test_bench_dip_times_every_configuration_in_its_own_process(tmp_path):
         f"batch {b}, {c}" for b in (1, 2) for c in ("before", "after", "after, default heap")
     }
     assert all(len(v) == 1 and v[0] > 0 for v in times.values())
+
+
+def test_bench_decode_checks_identical_tensors_and_prints_the_ratio(sample_dir):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--data", str(sample_dir), "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "identical tensors" in done.stdout
+    assert re.search(r"load_image vs before: [\d.]+x faster", done.stdout)
