@@ -328,59 +328,27 @@ def test_random_weights_are_the_same_network_every_time():
     assert torch.equal(torch.rand(1), expected) and before.shape == (1,)
 
 
-def test_bench_and_triton_refuse_bad_outputs_before_any_work(tmp_path):
-    runner = CliRunner()
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            "bench --method rescale --json {tmp}/folder.json --device cpu --batch-size 1",
+            "is a folder",
+        ),
+        (
+            "export --purifier rescale --classifier test-tiny --triton-repo {tmp}/repo "
+            "--triton-batch-wait-ms -5",
+            "--triton-batch-wait-ms -5: must be in 0..10000",
+        ),
+        ("export test-tiny -o {tmp}/x.txt", "name an ONNX file or an engine"),
+        (
+            "export test-lying --purifier rescale --classifier test-tiny -o {tmp}/x.onnx",
+            "name the classifier once",
+        ),
+    ],
+)
+def test_export_and_bench_refuse_bad_options_before_any_work(tmp_path, args, message):
     (tmp_path / "folder.json").mkdir()
-    result = runner.invoke(
-        app,
-        [
-            "bench",
-            "--method",
-            "rescale",
-            "--json",
-            str(tmp_path / "folder.json"),
-            "--device",
-            "cpu",
-            "--batch-size",
-            "1",
-        ],
-    )
-    assert result.exit_code == 1 and "is a folder" in result.output
-    result = runner.invoke(
-        app,
-        [
-            "export",
-            "--purifier",
-            "rescale",
-            "--classifier",
-            "test-tiny",
-            "--triton-repo",
-            str(tmp_path / "repo"),
-            "--triton-batch-wait-ms",
-            "-5",
-        ],
-    )
-    assert result.exit_code == 1 and "--triton-batch-wait-ms -5: must be in 0..10000" in (
-        result.output
-    )
-
-
-def test_export_refuses_an_unknown_suffix_and_a_classifier_named_twice(tmp_path):
-    runner = CliRunner()
-    result = runner.invoke(app, ["export", "test-tiny", "-o", str(tmp_path / "x.txt")])
-    assert result.exit_code == 1 and "name an ONNX file or an engine" in result.output
-    result = runner.invoke(
-        app,
-        [
-            "export",
-            "test-lying",
-            "--purifier",
-            "rescale",
-            "--classifier",
-            "test-tiny",
-            "-o",
-            str(tmp_path / "x.onnx"),
-        ],
-    )
-    assert result.exit_code == 1 and "name the classifier once" in result.output
-    assert list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(app, args.format(tmp=tmp_path).split())
+    assert result.exit_code == 1 and message in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["folder.json"]
