@@ -142,8 +142,9 @@ class RunPlan:
         return self.stale_before is None or modified >= self.stale_before
 
     def finish_overwrite(self) -> None:
-        """Every image was redone: older outputs no longer exist, run.json drops the mark."""
-        if self.stale_before is not None:
+        """Every image was redone: older outputs no longer exist, run.json drops the mark.
+        (Not after one shard of several: the other shards' outputs are still the old ones.)"""
+        if self.stale_before is not None and self.options.shard.count == 1:
             write_run_file(self.output_dir, self.config)
             self.stale_before = None
 
