@@ -155,7 +155,7 @@ def test_experiment_without_labels_reports_agreement(tmp_path, photo_dir):
         "--grid",
         "1",
     )
-    assert result.exit_code == 1  # the broken file is reported, like purify-batch
+    assert result.exit_code == 2  # the broken file is reported; exit 2 as purify-batch
     assert "broken.jpg" in result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["label_source"] == "clean-prediction" and report["n"] == 3

@@ -11,6 +11,9 @@ import typer
 from advpurify import checks
 from advpurify.files import check_writable_file, check_writable_folder
 
+# The rest was done but some files could not be read: as purify-batch (1 is a refused command).
+PARTIAL = 2
+
 CLASSIFIER_HELP = "googlenet, efficientnet-lite0, timm:NAME or torchvision:NAME"
 
 
@@ -97,7 +100,7 @@ def attack_command(
     )
     if summary["failed"]:
         _err(f"{summary['failed']} files could not be read (see manifest.jsonl)")
-        raise typer.Exit(1)
+        raise typer.Exit(PARTIAL)
 
 
 def eval_command(
@@ -143,7 +146,7 @@ def eval_command(
         f"top-1 {m['top1']:.1%}, top-3 {m['top3']:.1%}, top-5 {m['top5']:.1%}"
     )
     if result.failures:
-        raise typer.Exit(1)
+        raise typer.Exit(PARTIAL)
 
 
 def experiment_command(
@@ -225,7 +228,7 @@ def experiment_command(
             f"{len(report['failed'])} files could not be read: "
             + json.dumps([f["path"] for f in report["failed"]][:5])
         )
-        raise typer.Exit(1)
+        raise typer.Exit(PARTIAL)
 
 
 def register(app: typer.Typer) -> None:
