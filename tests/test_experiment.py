@@ -450,3 +450,14 @@ def test_a_method_with_other_settings_is_refused_before_any_work(tmp_path, sampl
         result.stderr
     )
     assert "bitdepth on adversarial" not in result.stderr
+
+
+def test_an_image_too_elongated_to_classify_fails_alone(tmp_path):
+    from advpurify.evaluation.dataset import load_dataset
+    from advpurify.models.classifiers import resize_center_crop
+
+    save_image(torch.rand(3, 16, 16), tmp_path / "ok.png")
+    save_image(torch.rand(3, 1, 40000), tmp_path / "strip.png")  # resized: 256 x 10M
+    data = load_dataset(tmp_path, lambda x: resize_center_crop(x, 256, 224), 224)
+    assert [p.name for p in data.paths] == ["ok.png"]
+    assert "too elongated" in data.failures[0].reason

@@ -7,6 +7,7 @@ are exercised) with ``efficientnet-lite0`` on torch, small limits so the refusal
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import socket
 import struct
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from advpurify.errors import AdvpurifyError
 from advpurify.images import encode_image, load_image
@@ -369,3 +371,38 @@ def test_health_methods_and_metrics(server):
         port = server["config"].metrics_port
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as r:
             assert b"ray_" in r.read()
+
+
+def test_an_image_too_elongated_to_classify_is_refused_alone_before_batching():
+    import asyncio
+
+    from advpurify.models.classifiers import ClassifierError, load_classifier, resize_center_crop
+    from advpurify.serve.deployments import BatchStats, ClassifierDeployment
+
+    strip = torch.rand(1, 3, 1, 65536)  # resized, 256 x 16.8M: 48 GiB
+    with pytest.raises(ClassifierError, match="too elongated"):
+        resize_center_crop(strip, 256, 224)
+    deployment = ClassifierDeployment.func_or_class.__new__(ClassifierDeployment.func_or_class)
+    deployment.stats = BatchStats()
+    deployment.classifier = load_classifier("efficientnet-lite0", device="cpu")
+    answer = asyncio.run(deployment.classify(strip[0]))
+    assert answer["status"] == 413 and "too elongated" in answer["error"]
+
+
+def test_the_servers_pixel_limit_is_the_decoders(monkeypatch):
+    import advpurify.serve.protocol as protocol
+
+    seen = {}
+    real = protocol.decode_image
+
+    def spy(data, name, max_pixels):
+        seen["max_pixels"] = max_pixels
+        return real(data, name, max_pixels=max_pixels)
+
+    monkeypatch.setattr(protocol, "decode_image", spy)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    read_image(buffer.getvalue(), max_pixels=100_000_000)
+    assert seen["max_pixels"] == 100_000_000  # not load_image's default 64M
+    with pytest.raises(RequestError, match="seed='1_0'"):
+        seed_for(b"x", {"seed": "1_0"})

@@ -96,8 +96,11 @@ def load_dataset(
         except AdvpurifyError as error:
             reason = getattr(error, "reason", None) or str(error)
             return Failure(path, reason)
-        with torch.no_grad():
-            prepared = prepare(image[None])[0]
+        try:
+            with torch.no_grad():
+                prepared = prepare(image[None])[0]
+        except AdvpurifyError as error:  # too elongated to resize: this image alone
+            return Failure(path, str(error))
         if tuple(prepared.shape[-2:]) != (size, size):
             return Failure(path, f"image too small to crop {size}x{size}")
         return to_uint8(prepared)

@@ -60,6 +60,22 @@ def resize_crop_box(
     return new_h, new_w, top, left
 
 
+MAX_RESIZED_PIXELS = 64_000_000
+"""The most pixels an image may have once its shorter side is resized (a 1 x 65536 strip would
+become 256 x 16.8M: 48 GiB as float32)."""
+
+
+def check_resizable(height: int, width: int, resize_size: int, crop_size: int) -> None:
+    """Raise :class:`ClassifierError` for an image too elongated to resize and crop."""
+    new_h, new_w, _, _ = resize_crop_box(height, width, resize_size, crop_size)
+    if new_h * new_w > MAX_RESIZED_PIXELS:
+        raise ClassifierError(
+            f"a {width} x {height} image is too elongated to classify: its shorter side "
+            f"resized to {resize_size} makes {new_w} x {new_h} pixels (at most "
+            f"{MAX_RESIZED_PIXELS})"
+        )
+
+
 def resize_center_crop(
     images: torch.Tensor, resize_size: int, crop_size: int, interpolation: str = "bilinear"
 ) -> torch.Tensor:
@@ -69,6 +85,7 @@ def resize_center_crop(
     Differentiable.
     """
     height, width = images.shape[-2:]
+    check_resizable(height, width, resize_size, crop_size)
     new_h, new_w, top, left = resize_crop_box(height, width, resize_size, crop_size)
     if (new_h, new_w) != (height, width):
         images = F.interpolate(

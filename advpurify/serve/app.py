@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -99,9 +100,15 @@ def running(config: ServeConfig, *, stop_ray: bool = True) -> Iterator[str]:
         stop(stop_ray=stop_ray)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_forever(config: ServeConfig, notify: Callable[[str], None]) -> None:
     """Run until interrupted (Ctrl-C), then stop cleanly."""
     url = start(config)
+    # SIGTERM (docker stop, systemd) stops as Ctrl-C does: Serve and Ray shut down cleanly.
+    signal.signal(signal.SIGTERM, _interrupt)
     notify(f"serving {config.method} at {url} (POST /purify, /classify; GET /healthz, /methods)")
     if config.metrics_port is not None:
         notify(f"Prometheus metrics at http://{config.host}:{config.metrics_port}/metrics")

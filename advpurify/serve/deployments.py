@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from advpurify.errors import AdvpurifyError
-from advpurify.images import encode_image
+from advpurify.images import allow_pixels, encode_image
+from advpurify.models.classifiers import check_resizable
 from advpurify.serve.config import ServeConfig
 from advpurify.serve.protocol import (
     BodyLimit,
@@ -85,9 +86,15 @@ class ClassifierDeployment:
         self._classify.set_max_batch_size(config.max_batch)
         self._classify.set_batch_wait_timeout_s(config.batch_wait_ms / 1000)
 
-    async def classify(self, image: torch.Tensor) -> list[dict[str, Any]]:
-        """One ``3 x H x W`` image -> its top-5."""
+    async def classify(self, image: torch.Tensor) -> list[dict[str, Any]] | dict[str, Any]:
+        """One ``3 x H x W`` image -> its top-5; an image the preprocessing cannot take -> an
+        error answer for this request alone (checked before it joins a batch)."""
         self.stats.requests += 1
+        p = self.classifier.module.preprocessing
+        try:
+            check_resizable(image.shape[-2], image.shape[-1], p.resize_size, p.crop_size)
+        except AdvpurifyError as error:
+            return {"error": str(error), "status": 413}
         return top5(await self._classify(image))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
@@ -113,6 +120,7 @@ class PurifierDeployment:
 
     def __init__(self, config: ServeConfig, classifier: Any = None) -> None:
         self.config = config
+        allow_pixels(config.max_pixels)  # --max-pixels, not Pillow's own limit, decides
         self.classifier = classifier  # a DeploymentHandle, or None
         self.purifiers: dict[tuple, Any] = {}
         self.default = self._purifier(dict(config.params))
@@ -211,6 +219,9 @@ class PurifierDeployment:
         if compare:
             calls.append(self.classifier.classify.remote(image))
         answers = await asyncio.gather(*calls)
+        for answer in answers:
+            if isinstance(answer, dict) and "error" in answer:
+                return _error(RequestError(answer["status"], answer["error"]))
         body: dict[str, Any] = {
             "method": purifier.name,
             "parameters": purifier.settings.as_dict(),

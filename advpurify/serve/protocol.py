@@ -103,7 +103,7 @@ def read_image(body: bytes, max_pixels: int) -> torch.Tensor:
     # The format's usual extension picks the same decoder as for a file (16-bit PNG/TIFF).
     name = Path("request." + (fmt.lower() or "bin"))
     try:
-        return decode_image(body, name)
+        return decode_image(body, name, max_pixels=max_pixels)
     except ImageDecodeError as error:
         raise RequestError(400, f"not a readable image: {error.reason}") from None
 
@@ -113,10 +113,9 @@ def seed_for(body: bytes, query: Mapping[str, str]) -> int:
     text = query.get("seed")
     if text is None:
         return int.from_bytes(hashlib.sha256(body).digest()[:4], "big") & SEED_MAX
-    try:
-        seed = int(text)
-    except ValueError:
-        raise RequestError(400, f"seed={text!r}: expected an integer") from None
+    if not (text.isascii() and text.isdigit()):  # int() would also take "1_0" or " 1"
+        raise RequestError(400, f"seed={text!r}: expected an integer")
+    seed = int(text)
     if not 0 <= seed <= SEED_MAX:
         raise RequestError(400, f"seed={seed}: must be in 0..{SEED_MAX}")
     return seed
