@@ -328,6 +328,15 @@ def test_bad_requests_are_4xx_and_serving_continues(server, sample_paths):
         assert reason in json.loads(answer)["error"], (what, answer)
         # The next good request is still served.
         assert post(server["url"] + "/purify?seed=1", good)[0] == 200, what
+    # Unknown paths and methods answer in the same one-line JSON.
+    got, headers, answer = post(server["url"] + "/nope", good)
+    assert (got, json.loads(answer)["error"]) == (404, "POST /nope: Not Found")
+    try:
+        urllib.request.urlopen(server["url"] + "/purify", timeout=TIMEOUT)
+    except urllib.error.HTTPError as error:
+        assert error.code == 405 and json.loads(error.read())["status"] == 405
+    else:
+        raise AssertionError("GET /purify was answered")
 
 
 def test_concurrent_requests_are_batched(server, library, sample_paths):

@@ -20,6 +20,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from advpurify.errors import AdvpurifyError
 from advpurify.images import allow_pixels, encode_image
@@ -39,6 +40,15 @@ from advpurify.serve.protocol import (
 from advpurify.serve.stage import classifier_for, logits, purifier_for, purify
 
 api = FastAPI(title="advpurify", description="Purify images, then classify them.")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _routing_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    # An unknown path or method answers like every other error: {"error", "status"}.
+    return _error(
+        RequestError(error.status_code, f"{request.method} {request.url.path}: {error.detail}")
+    )
+
 
 MAX_CACHED_PURIFIERS = 8  # per-request parameter sets kept built
 
