@@ -319,6 +319,7 @@ def test_bad_requests_are_4xx_and_serving_continues(server, sample_paths):
         "20,000 x 20,000 PNG header": ("/purify", png_header(20_000, 20_000), 413, "pixels"),
         "unknown parameter": ("/purify?sharpness=3", good, 400, "unknown parameter sharpness"),
         "bad seed": ("/classify?seed=minus", good, 400, "seed"),
+        "a parameter twice": ("/purify?factor=0.25&factor=0.75", good, 400, "factor given twice"),
         "body over the limit": ("/purify", b"\xff" * (3 * 2**20), 413, "over the limit"),
     }
     for what, (route, body, status, reason) in bad.items():

@@ -32,6 +32,7 @@ from advpurify.serve.protocol import (
     check_length,
     flag,
     methods_json,
+    query_dict,
     read_image,
     request_params,
     seed_for,
@@ -151,7 +152,7 @@ class PurifierDeployment:
 
     async def _read(self, request: Request) -> tuple[bytes, torch.Tensor, Any, int]:
         """Body (size-limited), image, purifier and seed of a request; 4xx on anything bad."""
-        query = dict(request.query_params)
+        query = query_dict(request.query_params.multi_items())
         check_length(request.headers.get("content-length"), self.config.max_body_bytes)
         params = request_params(self.config.method, self.config.params, query)
         purifier = self._purifier(params)
@@ -221,7 +222,7 @@ class PurifierDeployment:
         try:
             if self.classifier is None:
                 raise RequestError(404, "no classifier: start the server with --classifier NAME")
-            compare = flag(dict(request.query_params), "compare")
+            compare = flag(query_dict(request.query_params.multi_items()), "compare")
             _, image, purified, purifier, seed, seconds = await self._purified(request)
         except RequestError as error:
             return _error(error)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,17 @@ def read_image(body: bytes, max_pixels: int) -> torch.Tensor:
         return decode_image(body, name, max_pixels=max_pixels)
     except ImageDecodeError as error:
         raise RequestError(400, f"not a readable image: {error.reason}") from None
+
+
+def query_dict(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Query parameters by name; one given twice with two values is refused (as ``-p`` is),
+    not silently settled by the last."""
+    query: dict[str, str] = {}
+    for name, value in items:
+        if query.get(name, value) != value:
+            raise RequestError(400, f"{name} given twice ({query[name]!r} and {value!r})")
+        query[name] = value
+    return query
 
 
 def seed_for(body: bytes, query: Mapping[str, str]) -> int:
