@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -108,7 +109,8 @@ def serve_forever(config: ServeConfig, notify: Callable[[str], None]) -> None:
     """Run until interrupted (Ctrl-C), then stop cleanly."""
     url = start(config)
     # SIGTERM (docker stop, systemd) stops as Ctrl-C does: Serve and Ray shut down cleanly.
-    signal.signal(signal.SIGTERM, _interrupt)
+    if threading.current_thread() is threading.main_thread():  # signals go to the main thread
+        signal.signal(signal.SIGTERM, _interrupt)
     notify(f"serving {config.method} at {url} (POST /purify, /classify; GET /healthz, /methods)")
     if config.metrics_port is not None:
         notify(f"Prometheus metrics at http://{config.host}:{config.metrics_port}/metrics")
