@@ -9,8 +9,8 @@ slice is killed and recorded as ``cut``, an error is recorded and the next step 
 has produced before a cut stay (``OUT_DIR/steps/STEP.jsonl``, one line per row, flushed as it is
 produced, removed once merged into the JSON). No network, nothing installed: the script needs
 only torch, torchvision, timm, onnx, onnxruntime, typer, rich,
-OpenCV, scikit-image and safetensors, and says what it skipped for anything else (pytest,
-TensorRT, onnxruntime-gpu).
+OpenCV, scikit-image, safetensors and simplejpeg (docs/gpu.md: bringing its wheel to a machine
+with no registry), and says what it skipped for anything else (pytest, TensorRT, onnxruntime-gpu).
 
 Steps: ``env`` (machine, versions, backends present), ``tests`` (``pytest -m gpu``), ``dip``
 (fast and paper presets at 224, batch 1/8/32/64; grouped vs split conv, TF32 on/off, bf16
@@ -342,6 +342,9 @@ def step_tests(s: Step) -> None:
     for line in lines[-40:]:
         print(line, flush=True)
     s.record("pytest", returncode=done.returncode, tail=lines[-60:], summary=lines[-1:])
+    if done.returncode not in (0, 5):  # 5: no test collected (none marked gpu)
+        last = lines[-1] if lines else "no output"
+        s.record("error", label="pytest", error=f"pytest exited {done.returncode}: {last}")
 
 
 def step_dip(s: Step) -> None:

@@ -481,7 +481,7 @@ def test_load_classifier_on_onnx_runtime(small_real_images):
 @pytest.mark.gpu
 @needs_cuda
 def test_auto_on_a_gpu_prefers_the_fastest_usable_backend_on_the_gpu():
-    module = Tiny()
+    module = Tiny().eval()  # a backend runs inference: BatchNorm with its running statistics
     images = synthetic()
     with torch.no_grad():
         expected = module(images)  # before the backend takes the module to the GPU
