@@ -115,9 +115,21 @@ def sha256_file(path: Path | str, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
+# Control characters as escapes: a name with a newline stays on one line, and one with ESC
+# cannot drive the terminal it is printed on.
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (newline, ESC, ...) written as escapes."""
+    return text.translate(_CONTROL_ESCAPES)
+
+
 def display_name(path: Path | str) -> str:
-    """A printable form of a file name: undecodable bytes appear as ``\\xe9`` escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A printable form of a file name: undecodable bytes appear as ``\\xe9`` escapes, control
+    characters as ``\\n`` or ``\\x1b``."""
+    return printable(os.fsencode(path).decode("utf-8", "backslashreplace"))
 
 
 def mirror_names(relative: Sequence[PurePath | str], ext: str) -> list[PurePath]:

@@ -817,3 +817,99 @@ def test_every_planned_image_is_recorded_once_and_nothing_outside_changes(
         rerun.pop(os.fsencode(MANIFEST).hex())
         assert rerun == outputs  # a rerun changes nothing
         assert {"in": _digest(src), "elsewhere": _digest(elsewhere)} == outside
+
+
+def test_files_at_output_paths_without_run_json_are_never_taken_for_outputs(tmp_path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "one.png").write_bytes(_png())
+    (src / "two.png").write_bytes(_png(seed=1))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "one.png").write_text("my own notes")
+    with pytest.raises(AdvpurifyError, match=r"one\.png is already there and no run\.json"):
+        run_pipeline(src, out, create_purifier("bitdepth"))
+    assert (out / "one.png").read_text() == "my own notes" and not (out / "run.json").exists()
+    # A finished run whose run.json was deleted: its settings are unknown, so the same.
+    done = tmp_path / "done"
+    run_pipeline(src, done, create_purifier("bitdepth", bits=3))
+    (done / "run.json").unlink()
+    with pytest.raises(AdvpurifyError, match="no run.json says which settings"):
+        run_pipeline(src, done, create_purifier("bitdepth", bits=1))
+    # --overwrite replaces them.
+    summary = run_pipeline(src, out, create_purifier("bitdepth"), PipelineOptions(overwrite=True))
+    assert (summary.done, summary.skipped) == (2, 0)
+    assert Image.open(out / "one.png").size == (24, 16)
+
+
+def test_a_folder_at_an_output_path_fails_that_image_alone(tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    (src / "one.png").write_bytes(_png())
+    (src / "two.png").write_bytes(_png(seed=1))
+    run_pipeline(src, out, create_purifier("bitdepth"))
+    (out / "one.png").unlink()
+    (out / "one.png").mkdir()  # a resume finds a folder where an output should be
+    summary = run_pipeline(src, out, create_purifier("bitdepth"))
+    assert (summary.done, summary.skipped, summary.failed) == (0, 1, 1)
+    assert "one.png" in summary.failures[0].reason or "one.png" in summary.failures[0].input
+
+
+def test_an_output_name_too_long_for_the_file_system_fails_that_image_alone(tmp_path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    long = "b" * 251
+    (src / f"{long}.png").write_bytes(_png())  # 255 bytes: the longest name a folder holds
+    (src / "ok.png").write_bytes(_png(seed=1))
+    out = tmp_path / "out"
+    summary = run_pipeline(src, out, create_purifier("bitdepth"), PipelineOptions(fmt="webp"))
+    assert (summary.done, summary.failed) == (1, 1)  # b...b.webp is 256 bytes
+    assert "too long" in summary.failures[0].reason.lower()
+    assert (out / "ok.webp").is_file()
+
+
+def test_control_characters_in_names_print_as_escapes(tmp_path, monkeypatch, capsys) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "bad\nname.png").write_bytes(b"")
+    (src / "esc\x1b[2Jclear.png").write_bytes(b"not an image")
+    (src / "ok.png").write_bytes(_png())
+    code, err = _cli(
+        monkeypatch, capsys, "batch", str(src), "-m", "bitdepth", "-o", str(tmp_path / "o")
+    )
+    assert code == 2 and "\x1b" not in err
+    failed = sorted(line for line in err.splitlines() if line.startswith("failed "))
+    assert failed == [
+        f"failed {src}/bad\\nname.png: empty file (0 bytes)",
+        f"failed {src}/esc\\x1b[2Jclear.png: not a recognised image (file starts with b'not an i')",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("samples", ""), "error: argument 2: empty value"),
+        (("batch", "IN", "-m", "bitdepth", "-o", ""), "error: -o: empty value"),
+        (("batch", "IN", "-m", "bitdepth", "--output="), "error: --output: empty value"),
+        (("batch", "", "-m", "bitdepth"), "error: argument 2: empty value"),
+    ],
+)
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(
+    tmp_path, monkeypatch, capsys, args, message
+) -> None:
+    (tmp_path / "IN").mkdir()
+    (tmp_path / "IN" / "p.png").write_bytes(_png())
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(monkeypatch, capsys, *args)
+    assert code == 1 and err.startswith(message)
+    assert sorted(os.listdir(tmp_path)) == ["IN"]  # nothing written here
+
+
+def test_help_shows_the_default_output_folder(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys, "argv", ["purify-batch", "--help"])
+    monkeypatch.setenv("COLUMNS", "200")
+    from advpurify.cli import purify_batch_main
+
+    with pytest.raises(SystemExit):
+        purify_batch_main()
+    assert "INPUT-purified-METHOD" in capsys.readouterr().out  # not eaten as markup

@@ -187,7 +187,8 @@ def test_cuda_matches_cpu(name: str, batch224: torch.Tensor) -> None:
 
 
 def test_median_refuses_an_image_smaller_than_its_window():
-    with pytest.raises(ValueError, match="median kernel 5: a 2x9 image is too small"):
+    # Width x height, as everywhere else (the tensor is 2 high, 9 wide).
+    with pytest.raises(ValueError, match="median kernel 5: a 9 x 2 image is too small"):
         create_purifier("median", kernel=5)(torch.rand(1, 3, 2, 9))
     tiny = torch.rand(1, 3, 2, 2)  # the smallest a 3x3 window can reflect over
     assert create_purifier("median")(tiny).shape == tiny.shape

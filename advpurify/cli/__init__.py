@@ -29,6 +29,24 @@ for module in (batch, evaluate, export, serve, weights, train):
 wrap_commands(app)
 
 
+# The only options whose empty value means something ("start a local Ray").
+EMPTY_ALLOWED = frozenset({"--ray-address"})
+
+
+def refuse_empty_arguments(argv: list[str]) -> None:
+    """An empty argument is a path or value left out by mistake (``samples "$DIR"`` with DIR
+    unset): as a path it would silently mean the current folder."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--") and arg.endswith("=") and arg[:-1] not in EMPTY_ALLOWED:
+            raise AdvpurifyError(f"{arg[:-1]}: empty value")
+        if arg == "":
+            before = argv[index - 1] if index else ""
+            if before in EMPTY_ALLOWED:
+                continue
+            where = before if before.startswith("-") else f"argument {index + 1}"
+            raise AdvpurifyError(f"{where}: empty value (a path or value left out?)")
+
+
 def _run(make_app) -> None:
     """Run a typer app with one-line errors: click's usage errors (a bad option value) print
     as ``error: ...`` with exit code 1 instead of a boxed usage screen and code 2."""
@@ -36,6 +54,7 @@ def _run(make_app) -> None:
     # CPU fits may tune its heap (advpurify/heap.py) unless the user said otherwise.
     os.environ.setdefault(heap.ENV, heap.ON)
     try:
+        refuse_empty_arguments(sys.argv[1:])
         code = make_app()(standalone_mode=False)
     except NoArgsIsHelpError as error:
         error.show()

@@ -22,7 +22,7 @@ from rich.text import Text
 
 from advpurify.cli.settings import parse_params
 from advpurify.devices import resolve_device
-from advpurify.files import check_writable_folder, display_name
+from advpurify.files import check_writable_folder, display_name, printable
 from advpurify.images import MAX_IMAGE_PIXELS
 from advpurify.pipeline.batch import (
     PIXEL_BUDGET,
@@ -46,7 +46,7 @@ def batch(
     input_dir: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
     method: str = typer.Option(..., "--method", "-m", help="Purification method (see `methods`)."),
     output: Path | None = typer.Option(
-        None, "--output", "-o", help="Output folder [default: sibling INPUT-purified-METHOD]."
+        None, "--output", "-o", help="Output folder (default: a sibling, INPUT-purified-METHOD)."
     ),
     param: list[str] = typer.Option(
         [], "--param", "-p", help="Method parameter name=value (repeatable)."
@@ -134,9 +134,9 @@ def _run_with_progress(plan: RunPlan, quiet: bool, run: Engine) -> RunSummary:
 
         def on_progress(record: Record) -> None:
             if record.status == "failed":
-                name = display_name(record.input)
+                name, reason = display_name(record.input), printable(record.reason or "")
                 # One line whatever the width (logs are grepped), colour only on a terminal.
-                line = Text.assemble(("failed", "red"), f" {name}: {record.reason}")
+                line = Text.assemble(("failed", "red"), f" {name}: {reason}")
                 progress.console.print(line, soft_wrap=True)
             progress.advance(task)
             elapsed = progress.tasks[0].elapsed or 0.0

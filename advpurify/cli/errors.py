@@ -12,12 +12,13 @@ import sys
 import typer
 
 from advpurify.errors import AdvpurifyError
-from advpurify.files import display_name
+from advpurify.files import display_name, printable
 
 
 def one_line(message: object) -> str:
-    """The message with its lines joined: a terminal, a log grep and a test see one line."""
-    return " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    """The message with its lines joined: a terminal, a log grep and a test see one line (and
+    any other control character, from a file name say, as an escape)."""
+    return printable(" ".join(part.strip() for part in str(message).splitlines() if part.strip()))
 
 
 def describe(error: BaseException) -> str:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -134,12 +135,12 @@ class RunPlan:
     def is_done(self, target: Path) -> bool:
         """Whether ``target`` holds an output of this run's settings (a resume skips it)."""
         try:
-            modified = target.stat().st_mtime_ns
-        except FileNotFoundError:
+            info = target.stat()
+        except OSError:  # absent, or a name the file system refuses: writing it says why
             return False
-        if self.options.overwrite:
-            return False
-        return self.stale_before is None or modified >= self.stale_before
+        if self.options.overwrite or not stat.S_ISREG(info.st_mode):
+            return False  # a folder at the output path is no output: writing it fails alone
+        return self.stale_before is None or info.st_mtime_ns >= self.stale_before
 
     def finish_overwrite(self) -> None:
         """Every image was redone: older outputs no longer exist, run.json drops the mark.
@@ -259,6 +260,24 @@ def prepare_run_file(output_dir: Path, config: dict[str, Any], overwrite: bool) 
     return run_file.stat().st_mtime_ns if overwrite else None
 
 
+def refuse_foreign_outputs(output_dir: Path, targets: list[Path]) -> None:
+    """Without ``run.json`` no earlier run wrote here: a file already at an output path is
+    somebody else's, or of unknown settings, and is never taken for a finished output."""
+    if (output_dir / RUN_FILE).exists():
+        return
+    root, inside = output_dir.resolve(), {}
+    for target in targets:
+        if target.parent not in inside:  # a folder linked out of the output fails per image
+            folder = target.parent.resolve()
+            inside[target.parent] = folder == root or root in folder.parents
+        if inside[target.parent] and os.path.lexists(target):
+            raise AdvpurifyError(
+                f"output folder {output_dir}: {display_name(target.relative_to(output_dir))} "
+                f"is already there and no {RUN_FILE} says which settings made it; "
+                "use an empty folder, or --overwrite to replace it"
+            )
+
+
 def write_run_file(output_dir: Path, config: dict[str, Any], overwriting: bool = False) -> None:
     body = dict(config, version=__version__)
     if overwriting:
@@ -296,6 +315,8 @@ def plan_run(
     output_dir.mkdir(parents=True, exist_ok=True)
     lock = OutputLock.acquire(output_dir)
     try:
+        if not options.overwrite:
+            refuse_foreign_outputs(output_dir, targets)
         stale_before = prepare_run_file(output_dir, config, options.overwrite)
         remove_stale_temporaries(output_dir)
     except BaseException:

@@ -167,7 +167,7 @@ class Median(Purifier):
         height, width = images.shape[-2:]
         if min(height, width) <= k // 2:  # reflection needs more pixels than the window reaches
             raise ValueError(
-                f"median kernel {k}: a {height}x{width} image is too small "
+                f"median kernel {k}: a {width} x {height} image is too small "
                 f"(needs at least {k // 2 + 1} pixels per side)"
             )
         return median_filter(images, k)
