@@ -19,21 +19,21 @@ import cv2
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from advpurify.errors import AdvpurifyError
 from advpurify.files import atomic_write_bytes
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+    | {".ppm", ".pgm", ".pnm"}
+)
 OUTPUT_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 BACKGROUNDS = {"white": 1.0, "black": 0.0}
 # The default per-image limit: 64 megapixels (a 9248 x 6936 photograph) decode to 768 MB as
 # float32 RGB. Below Pillow's own decompression-bomb warning (89 megapixels).
 MAX_IMAGE_PIXELS = 64_000_000
-
-
-# OpenCV decodes these with their full bit depth; Pillow reduces 16-bit colour to 8 bits.
-_DEEP_FORMATS = frozenset({".png", ".tif", ".tiff"})
+_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 class ImageDecodeError(AdvpurifyError):
@@ -45,10 +45,11 @@ class ImageDecodeError(AdvpurifyError):
         self.reason = reason
 
 
-def find_images(root: Path | str) -> list[Path]:
+def find_images(root: Path | str, left_out: list[Path] | None = None) -> list[Path]:
     """Image files under ``root``, recursively, in a stable order (sorted relative paths).
 
     Hidden files and folders (a leading dot) are skipped: they include our own temporary files.
+    Other files without an image extension are appended to ``left_out`` when it is given.
     """
     root = Path(root)
     found: list[Path] = []
@@ -59,6 +60,8 @@ def find_images(root: Path | str) -> list[Path]:
                 continue
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 found.append(Path(folder) / name)
+            elif left_out is not None:
+                left_out.append(Path(folder) / name)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -150,8 +153,10 @@ def decode_image(
     try:
         with Image.open(io.BytesIO(data)) as img:
             _check_size(img.size, max_pixels)
+            _check_single_frame(img)
             orientation = img.getexif().get(0x0112, 1)
-            if img.format == "JPEG" and img.mode in ("RGB", "L"):
+            profile = colour_profile(img)  # None: sRGB already, or no usable profile
+            if img.format == "JPEG" and img.mode in ("RGB", "L") and profile is None:
                 # Most photographs: one strict decode, Pillow's pixels (decode_jpeg_rgb).
                 return _uint8_to_tensor(decode_jpeg_rgb(data), orientation)
             if img.format == "PNG":
@@ -160,8 +165,10 @@ def decode_image(
             if img.format == "JPEG":
                 _check_jpeg_data(data, img.mode)
             array = None
-            if path.suffix.lower() in _DEEP_FORMATS:
-                array = _decode_deep(data)
+            if _more_than_8_bits(img, data):
+                array = _decode_deep(data)  # full depth; its colour profile is not applied
+            if array is None and profile is not None:
+                img = _to_srgb(img, profile)
             if array is None and img.mode in ("RGB", "L") and "transparency" not in img.info:
                 return _uint8_to_tensor(
                     np.asarray(img.convert("RGB") if img.mode == "L" else img), orientation
@@ -175,6 +182,8 @@ def decode_image(
         ) from None
     except _TooLarge as error:
         raise ImageDecodeError(path, f"refused: {error}") from None
+    except _MultiFrame as error:
+        raise ImageDecodeError(path, str(error)) from None
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(path, f"refused: {error}") from None
     except (OSError, SyntaxError, ValueError) as error:
@@ -186,6 +195,72 @@ def decode_image(
 
 class _TooLarge(ValueError):
     pass
+
+
+class _MultiFrame(ValueError):
+    pass
+
+
+def _check_single_frame(img: Image.Image) -> None:
+    # An animation or a multi-page file has no one image to purify: the first frame alone
+    # would drop the rest silently (or be a thumbnail page). A camera's MPO JPEG is one photo
+    # with previews after it; its first frame is the photo.
+    frames = getattr(img, "n_frames", 1)
+    if frames > 1 and img.format != "MPO":
+        raise _MultiFrame(
+            f"{frames} frames (an animation or a multi-page {img.format} file): only single "
+            "images are purified; save each frame as a file of its own"
+        )
+
+
+def colour_profile(img: Image.Image) -> ImageCms.ImageCmsProfile | None:
+    """The embedded ICC profile when its pixels need converting to sRGB (what the models were
+    trained on, and what an output without a profile means); None for none, sRGB, or one that
+    cannot be read (ignored, as browsers do)."""
+    icc = img.info.get("icc_profile")
+    if not icc:
+        return None
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(profile).lower():
+            return None
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
+    return profile
+
+
+def _to_srgb(img: Image.Image, profile: ImageCms.ImageCmsProfile) -> Image.Image:
+    """8-bit pixels in ``profile``'s colours converted to sRGB (alpha kept as it is); pixels of
+    a mode the profile does not describe (an RGB profile on a grey image) are left as they are."""
+    alpha = None
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        alpha = img.convert("RGBA").getchannel("A")
+        img = img.convert("RGB")
+    elif img.mode == "P":
+        img = img.convert("RGB")
+    if img.mode not in ("RGB", "L", "CMYK"):
+        return img
+    try:
+        converted = ImageCms.profileToProfile(img, profile, _SRGB, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return img if alpha is None else _with_alpha(img, alpha)
+    return converted if alpha is None else _with_alpha(converted, alpha)
+
+
+def _with_alpha(img: Image.Image, alpha: Image.Image) -> Image.Image:
+    img = img.convert("RGB")
+    img.putalpha(alpha)
+    return img
+
+
+def _more_than_8_bits(img: Image.Image, data: bytes) -> bool:
+    """16-bit PNG/TIFF samples, which OpenCV decodes in full and Pillow reduces to 8 bits."""
+    if img.format == "PNG":
+        return len(data) > 24 and data[24] > 8  # IHDR's bit depth, right after the signature
+    if img.format == "TIFF":
+        bits = img.tag_v2.get(258, 8)  # BitsPerSample
+        return max(bits if isinstance(bits, tuple) else (bits,)) > 8
+    return False
 
 
 def _check_size(size: tuple[int, int], max_pixels: int | None) -> None:

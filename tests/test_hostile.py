@@ -913,3 +913,21 @@ def test_help_shows_the_default_output_folder(monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit):
         purify_batch_main()
     assert "INPUT-purified-METHOD" in capsys.readouterr().out  # not eaten as markup
+
+
+def test_files_left_out_by_extension_are_counted(tmp_path, monkeypatch, capsys) -> None:
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    (src / "p.png").write_bytes(_png())
+    (src / "sub" / "notes.txt").write_text("mine")
+    code, err = _cli(
+        monkeypatch, capsys, "batch", str(src), "-m", "bitdepth", "-o", str(tmp_path / "o"), "-q"
+    )
+    assert code == 0
+    assert "note: 1 files without an image extension left out (e.g. sub/notes.txt)" in err
+    (src / "p.png").unlink()
+    code, err = _cli(
+        monkeypatch, capsys, "batch", str(src), "-m", "bitdepth", "-o", str(tmp_path / "o2")
+    )
+    assert code == 1 and "no image files found (1 other files, e.g. notes.txt)" in err
+    assert ".jfif" in err  # and which extensions count

@@ -245,3 +245,94 @@ def test_atomic_write_onto_a_folder_names_the_folder(tmp_path: Path) -> None:
     with pytest.raises(AdvpurifyError, match=r"out.json is a folder: name a file"):
         atomic_write_bytes(tmp_path / "out.json", b"{}")
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def _rgb_profile(description: str, primaries: list[tuple[float, float, float]]) -> bytes:
+    """A minimal ICC v2 RGB matrix/TRC profile (gamma 2.2) with the given D50 primaries."""
+    import struct
+
+    def s15(x: float) -> bytes:
+        return struct.pack(">i", round(x * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ \0\0\0\0" + s15(x) + s15(y) + s15(z)
+
+    text = description.encode() + b"\0"
+    desc = b"desc\0\0\0\0" + struct.pack(">I", len(text)) + text + b"\0" * 78
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(2.2 * 256)) + b"\0\0"
+    red, green, blue = (xyz(*p) for p in primaries)
+    tags = [(b"desc", desc), (b"cprt", b"text\0\0\0\0none\0"), (b"wtpt", xyz(0.9642, 1, 0.8249))]
+    tags += [(b"rXYZ", red), (b"gXYZ", green), (b"bXYZ", blue)]
+    tags += [(b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, body in tags:
+        body += b"\0" * (-len(body) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    body = struct.pack(">I", len(tags)) + table + data
+    header = struct.pack(">I", 128 + len(body)) + b"none" + struct.pack(">I", 0x02100000)
+    header += b"mntrRGB XYZ " + b"\0" * 12 + b"acsp" + b"APPL" + b"\0" * 24
+    header += s15(0.9642) + s15(1.0) + s15(0.8249) + b"none" + b"\0" * 44
+    assert len(header) == 128
+    return header + body
+
+
+DISPLAY_P3 = [(0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419), (0.1571, 0.0666, 0.7841)]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_colours_in_another_profile_are_converted_to_srgb(fmt: str) -> None:
+    from PIL import ImageCms
+
+    icc = _rgb_profile("Display P3 (test)", DISPLAY_P3)
+    photo = Image.new("RGB", (16, 16), (200, 120, 60))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    expected = ImageCms.profileToProfile(
+        photo, ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb, outputMode="RGB"
+    ).getpixel((0, 0))
+    assert max(abs(a - b) for a, b in zip(expected, (214, 116, 38), strict=True)) <= 1
+    options = {"quality": 100} if fmt != "PNG" else {}
+    if fmt == "WEBP":
+        options["lossless"] = True
+    image = decode_image(_pil_bytes(photo, fmt, icc_profile=icc, **options), f"p.{fmt.lower()}")
+    got = (image[:, 8, 8] * 255).round().tolist()
+    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= 2
+    # An sRGB profile, or an unreadable one, leaves the pixels as they are.
+    srgb_bytes = srgb.tobytes()
+    for icc_profile in (srgb_bytes, b"not a profile at all"):
+        plain = decode_image(_pil_bytes(photo, "PNG", icc_profile=icc_profile), "p.png")
+        assert (plain[:, 8, 8] * 255).round().tolist() == [200, 120, 60]
+    # Alpha survives the conversion and is composited as before.
+    rgba = Image.new("RGBA", (4, 4), (200, 120, 60, 0))
+    clear = decode_image(_pil_bytes(rgba, "PNG", icc_profile=icc), "a.png", background="black")
+    assert clear.abs().max() == 0
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"), [("GIF", "a.gif"), ("PNG", "a.png"), ("WEBP", "a.webp"), ("TIFF", "a.tif")]
+)
+def test_animations_and_multi_page_files_are_refused_not_cut_to_a_frame(fmt, name) -> None:
+    frames = [Image.new("RGB", (8, 6), colour) for colour in ("black", "white", "red")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageDecodeError, match="3 frames .* only single images are purified"):
+        decode_image(buffer.getvalue(), name)
+    single = decode_image(_pil_bytes(frames[1], fmt), name)  # one frame: fine
+    assert torch.all(single == 1)
+
+
+def test_16_bit_detection_reads_the_file_not_its_name(tmp_path: Path) -> None:
+    rgb16 = np.full((4, 5, 3), 1000, dtype=np.uint16)
+    ok, encoded = cv2.imencode(".png", rgb16)
+    assert ok
+    image = decode_image(encoded.tobytes(), "misnamed.bmp")  # a 16-bit PNG whatever its name
+    assert torch.allclose(image, torch.full_like(image, 1000 / 65535))
+
+
+def test_more_extensions_are_found_and_the_rest_is_listed(tmp_path: Path) -> None:
+    names = ["a.gif", "b.jfif", "c.jpe", "d.ppm", "e.pgm", "f.pnm", "g.png"]
+    for name in [*names, "notes.txt", "noext"]:
+        (tmp_path / name).write_bytes(b"x")
+    left_out: list[Path] = []
+    assert [p.name for p in find_images(tmp_path, left_out)] == names
+    assert sorted(p.name for p in left_out) == ["noext", "notes.txt"]

@@ -101,6 +101,14 @@ def batch(
     driver_device = resolve_device(device) if engine == "local" else "cpu"
     purifier = create_purifier(method, device=driver_device, **parse_params(method, param))
     plan = plan_run(input_dir, output, purifier, options)
+    if plan.left_out:
+        example = display_name(plan.left_out[0].relative_to(input_dir))
+        err_console.print(
+            f"note: {len(plan.left_out)} files without an image extension left out "
+            f"(e.g. {example})",
+            markup=False,
+            soft_wrap=True,
+        )
     summary = _run_with_progress(plan, quiet, run)
     _print_summary(summary)
     raise typer.Exit(summary.exit_code)

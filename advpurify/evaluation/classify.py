@@ -29,7 +29,13 @@ import torch
 from PIL import Image
 
 from advpurify.errors import AdvpurifyError
-from advpurify.images import check_png_data, decode_jpeg_rgb, load_image, read_image_file
+from advpurify.images import (
+    check_png_data,
+    colour_profile,
+    decode_jpeg_rgb,
+    load_image,
+    read_image_file,
+)
 from advpurify.models.classifiers import resize_center_crop, resize_crop_box
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -64,6 +70,8 @@ class Preprocess:
             data = read_image_file(path)
             with Image.open(io.BytesIO(data)) as img:
                 plain = img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L")
+                # One frame, in sRGB: else the exact path refuses it or converts its colours.
+                plain = plain and getattr(img, "n_frames", 1) == 1 and colour_profile(img) is None
                 if not plain or img.getexif().get(0x0112, 1) != 1 or "transparency" in img.info:
                     return None
                 if img.format == "PNG" and data[24:25] != b"\x08":

@@ -28,6 +28,7 @@ from advpurify.files import (
     remove_stale_temporaries,
 )
 from advpurify.images import (
+    IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
     OUTPUT_FORMATS,
     allow_pixels,
@@ -131,6 +132,8 @@ class RunPlan:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     stale_before: int | None = None
     """While an ``--overwrite`` is unfinished: outputs modified before this (ns) are stale."""
+    left_out: list[Path] = dataclasses.field(default_factory=list)
+    """Files of the input folder without an image extension (not purified, said so)."""
 
     def is_done(self, target: Path) -> bool:
         """Whether ``target`` holds an output of this run's settings (a resume skips it)."""
@@ -302,9 +305,16 @@ def plan_run(
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     check_folders(input_dir, output_dir)
     config = run_config(purifier, options)
-    inputs = find_images(input_dir)
+    left_out: list[Path] = []
+    inputs = find_images(input_dir, left_out)
     if not inputs:
-        raise AdvpurifyError(f"input folder {input_dir}: no image files found")
+        others = ""
+        if left_out:
+            others = f" ({len(left_out)} other files, e.g. {display_name(left_out[0].name)})"
+        raise AdvpurifyError(
+            f"input folder {input_dir}: no image files found{others}; "
+            f"images are found by extension: {' '.join(sorted(IMAGE_EXTENSIONS))}"
+        )
     targets = output_paths(inputs, input_dir, output_dir, options.fmt)
     pairs = [
         (src, dst)
@@ -322,4 +332,6 @@ def plan_run(
     except BaseException:
         lock.release()
         raise
-    return RunPlan(input_dir, output_dir, purifier, options, pairs, lock, config, stale_before)
+    return RunPlan(
+        input_dir, output_dir, purifier, options, pairs, lock, config, stale_before, left_out
+    )
