@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import struct
 import zlib
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import cv2
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image, ImageCms, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from advpurify.errors import AdvpurifyError
 from advpurify.files import atomic_write_bytes
@@ -30,10 +31,10 @@ IMAGE_EXTENSIONS = frozenset(
 )
 OUTPUT_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 BACKGROUNDS = {"white": 1.0, "black": 0.0}
-# The default per-image limit: 64 megapixels (a 9248 x 6936 photograph) decode to 768 MB as
-# float32 RGB. Below Pillow's own decompression-bomb warning (89 megapixels).
-MAX_IMAGE_PIXELS = 64_000_000
-_SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# The default per-image limit: 2**26 pixels (67.1 million; a 64-megapixel photograph, 9248 x
+# 6936 = 64.1 million, fits) decode to 805 MB as float32 RGB. Below Pillow's own
+# decompression-bomb warning (89 megapixels).
+MAX_IMAGE_PIXELS = 2**26
 
 
 class ImageDecodeError(AdvpurifyError):
@@ -140,12 +141,34 @@ def load_image(
     return decode_image(read_image_file(path, max_pixels), path, background, max_pixels)
 
 
+def load_image_with_profile(
+    path: Path | str, background: str = "white", max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> tuple[torch.Tensor, bytes | None]:
+    """:func:`load_image` and the file's RGB colour profile (None: none, or not an RGB one)."""
+    path = Path(path)
+    data = read_image_file(path, max_pixels)
+    return decode_image_with_profile(data, path, background, max_pixels)
+
+
 def decode_image(
     data: bytes,
     path: Path | str = "<bytes>",
     background: str = "white",
     max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> torch.Tensor:
+    """Decode image file bytes into a float32 RGB ``3 x H x W`` tensor in ``[0, 1]``: the values
+    as stored, as ImageNet models were trained on them (an embedded colour profile is not
+    applied; :func:`decode_image_with_profile` returns it, for the output to carry)."""
+    return decode_image_with_profile(data, path, background, max_pixels)[0]
+
+
+def decode_image_with_profile(
+    data: bytes,
+    path: Path | str = "<bytes>",
+    background: str = "white",
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
+) -> tuple[torch.Tensor, bytes | None]:
+    """:func:`decode_image` and the file's ICC profile where it describes those RGB values."""
     path = Path(path)
     check_background(background)
     if not data:
@@ -155,10 +178,10 @@ def decode_image(
             _check_size(img.size, max_pixels)
             _check_single_frame(img)
             orientation = img.getexif().get(0x0112, 1)
-            profile = colour_profile(img)  # None: sRGB already, or no usable profile
-            if img.format == "JPEG" and img.mode in ("RGB", "L") and profile is None:
+            profile = _rgb_profile(img)
+            if img.format == "JPEG" and img.mode in ("RGB", "L"):
                 # Most photographs: one strict decode, Pillow's pixels (decode_jpeg_rgb).
-                return _uint8_to_tensor(decode_jpeg_rgb(data), orientation)
+                return _uint8_to_tensor(decode_jpeg_rgb(data), orientation), profile
             if img.format == "PNG":
                 check_png_data(data)
             img.load()  # decode everything now, so truncation is caught here
@@ -167,12 +190,10 @@ def decode_image(
             array = None
             if _more_than_8_bits(img, data):
                 array = _decode_deep(data)  # full depth; its colour profile is not applied
-            if array is None and profile is not None:
-                img = _to_srgb(img, profile)
             if array is None and img.mode in ("RGB", "L") and "transparency" not in img.info:
                 return _uint8_to_tensor(
                     np.asarray(img.convert("RGB") if img.mode == "L" else img), orientation
-                )
+                ), profile
             if array is None:
                 array = _pil_to_float(img)
     except UnidentifiedImageError:
@@ -190,7 +211,7 @@ def decode_image(
         raise ImageDecodeError(path, f"corrupt or truncated image data ({error})") from None
     rgb = _composite(array, BACKGROUNDS[background])
     rgb = _apply_orientation(rgb, orientation)
-    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))), profile
 
 
 class _TooLarge(ValueError):
@@ -213,44 +234,13 @@ def _check_single_frame(img: Image.Image) -> None:
         )
 
 
-def colour_profile(img: Image.Image) -> ImageCms.ImageCmsProfile | None:
-    """The embedded ICC profile when its pixels need converting to sRGB (what the models were
-    trained on, and what an output without a profile means); None for none, sRGB, or one that
-    cannot be read (ignored, as browsers do)."""
+def _rgb_profile(img: Image.Image) -> bytes | None:
+    """The embedded ICC profile when it describes the RGB values decoded (not a CMYK or grey
+    one, which the conversion to RGB leaves behind)."""
     icc = img.info.get("icc_profile")
-    if not icc:
+    if not icc or len(icc) < 128 or icc[16:20] != b"RGB ":
         return None
-    try:
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if "srgb" in ImageCms.getProfileDescription(profile).lower():
-            return None
-    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
-        return None
-    return profile
-
-
-def _to_srgb(img: Image.Image, profile: ImageCms.ImageCmsProfile) -> Image.Image:
-    """8-bit pixels in ``profile``'s colours converted to sRGB (alpha kept as it is); pixels of
-    a mode the profile does not describe (an RGB profile on a grey image) are left as they are."""
-    alpha = None
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        alpha = img.convert("RGBA").getchannel("A")
-        img = img.convert("RGB")
-    elif img.mode == "P":
-        img = img.convert("RGB")
-    if img.mode not in ("RGB", "L", "CMYK"):
-        return img
-    try:
-        converted = ImageCms.profileToProfile(img, profile, _SRGB, outputMode="RGB")
-    except (ImageCms.PyCMSError, OSError, ValueError):
-        return img if alpha is None else _with_alpha(img, alpha)
-    return converted if alpha is None else _with_alpha(converted, alpha)
-
-
-def _with_alpha(img: Image.Image, alpha: Image.Image) -> Image.Image:
-    img = img.convert("RGB")
-    img.putalpha(alpha)
-    return img
+    return icc if img.mode in ("RGB", "RGBA", "P", "PA", "I;16", "I;16B") else None
 
 
 def _more_than_8_bits(img: Image.Image, data: bytes) -> bool:
@@ -413,8 +403,11 @@ def check_encodable(width: int, height: int, fmt: str) -> None:
         )
 
 
-def encode_image(image: torch.Tensor, fmt: str = "png", quality: int = 95) -> bytes:
-    """Encode a ``3 x H x W`` image; PNG is lossless, JPEG and WebP take ``quality`` (1-100)."""
+def encode_image(
+    image: torch.Tensor, fmt: str = "png", quality: int = 95, profile: bytes | None = None
+) -> bytes:
+    """Encode a ``3 x H x W`` image; PNG is lossless, JPEG and WebP take ``quality`` (1-100).
+    ``profile``: an ICC profile to embed (the input's: the values keep its colours)."""
     if fmt not in OUTPUT_FORMATS:
         raise AdvpurifyError(f"format {fmt!r}: use one of {', '.join(OUTPUT_FORMATS)}")
     check_encodable(image.shape[-1], image.shape[-2], fmt)
@@ -429,11 +422,65 @@ def encode_image(image: torch.Tensor, fmt: str = "png", quality: int = 95) -> by
     ok, buffer = cv2.imencode(OUTPUT_FORMATS[fmt], bgr, params)
     if not ok:
         raise AdvpurifyError(f"could not encode a {tuple(image.shape)} image as {fmt}")
-    return buffer.tobytes()
+    data = buffer.tobytes()
+    if profile:
+        width, height = image.shape[-1], image.shape[-2]
+        data = _EMBED_PROFILE[fmt](data, profile, width, height)
+    return data
+
+
+# OpenCV writes no colour profile: each format's own container holds one (PNG iCCP chunk,
+# JPEG APP2 segments, WebP ICCP chunk in the extended format).
+def _png_with_profile(data: bytes, icc: bytes, width: int, height: int) -> bytes:
+    body = b"ICC profile\0\0" + zlib.compress(icc)
+    chunk = struct.pack(">I", len(body)) + b"iCCP" + body
+    chunk += struct.pack(">I", zlib.crc32(b"iCCP" + body))
+    end_of_ihdr = 8 + 8 + 13 + 4  # signature, IHDR's length + type, its 13 bytes, its CRC
+    return data[:end_of_ihdr] + chunk + data[end_of_ihdr:]
+
+
+def _jpeg_with_profile(data: bytes, icc: bytes, width: int, height: int) -> bytes:
+    size = 65519  # a segment holds 65535 bytes: length (2), "ICC_PROFILE\0" (12), index, count
+    parts = [icc[i : i + size] for i in range(0, len(icc), size)]
+    if len(parts) > 255:
+        raise AdvpurifyError(f"colour profile of {len(icc)} bytes: too large for a JPEG")
+    segments = b"".join(
+        b"\xff\xe2"
+        + struct.pack(">H", 2 + 14 + len(part))
+        + b"ICC_PROFILE\0"
+        + bytes((k + 1, len(parts)))
+        + part
+        for k, part in enumerate(parts)
+    )
+    at = 2  # after SOI, and after a JFIF APP0 segment (it must come first)
+    if data[2:4] == b"\xff\xe0":
+        at = 4 + struct.unpack(">H", data[4:6])[0]
+    return data[:at] + segments + data[at:]
+
+
+def _webp_with_profile(data: bytes, icc: bytes, width: int, height: int) -> bytes:
+    chunks = data[12:]  # after "RIFF", the size, "WEBP"
+    iccp = b"ICCP" + struct.pack("<I", len(icc)) + icc + b"\0" * (len(icc) % 2)
+    if chunks[:4] == b"VP8X":  # already extended: set its ICC flag, the profile follows it
+        header = bytearray(chunks[:18])
+        header[8] |= 0x20
+        chunks = bytes(header) + iccp + chunks[18:]
+    else:
+        canvas = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+        vp8x = b"VP8X" + struct.pack("<I", 10) + bytes((0x20, 0, 0, 0)) + canvas
+        chunks = vp8x + iccp + chunks
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WEBP" + chunks
+
+
+_EMBED_PROFILE = {"png": _png_with_profile, "jpg": _jpeg_with_profile, "webp": _webp_with_profile}
 
 
 def save_image(
-    image: torch.Tensor, path: Path | str, fmt: str | None = None, quality: int = 95
+    image: torch.Tensor,
+    path: Path | str,
+    fmt: str | None = None,
+    quality: int = 95,
+    profile: bytes | None = None,
 ) -> None:
     """Encode and atomically write one image; the format defaults to the file's extension."""
     path = Path(path)
@@ -441,4 +488,4 @@ def save_image(
         fmt = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}.get(
             path.suffix.lower(), "png"
         )
-    atomic_write_bytes(path, encode_image(image, fmt, quality))
+    atomic_write_bytes(path, encode_image(image, fmt, quality, profile))

@@ -17,6 +17,7 @@ from advpurify.files import atomic_output, atomic_write_bytes, remove_stale_temp
 from advpurify.images import (
     ImageDecodeError,
     decode_image,
+    decode_image_with_profile,
     encode_image,
     find_images,
     load_image,
@@ -281,31 +282,52 @@ DISPLAY_P3 = [(0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419), (0.1571, 0.06
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
-def test_colours_in_another_profile_are_converted_to_srgb(fmt: str) -> None:
-    from PIL import ImageCms
-
+def test_an_rgb_colour_profile_is_kept_with_the_values_as_stored(fmt: str) -> None:
+    # The values a classifier sees are the stored ones (as every ImageNet pipeline decodes
+    # them); the profile goes into the output, so viewers show its colours as the input's.
     icc = _rgb_profile("Display P3 (test)", DISPLAY_P3)
     photo = Image.new("RGB", (16, 16), (200, 120, 60))
-    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-    expected = ImageCms.profileToProfile(
-        photo, ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb, outputMode="RGB"
-    ).getpixel((0, 0))
-    assert max(abs(a - b) for a, b in zip(expected, (214, 116, 38), strict=True)) <= 1
-    options = {"quality": 100} if fmt != "PNG" else {}
-    if fmt == "WEBP":
-        options["lossless"] = True
-    image = decode_image(_pil_bytes(photo, fmt, icc_profile=icc, **options), f"p.{fmt.lower()}")
-    got = (image[:, 8, 8] * 255).round().tolist()
-    assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) <= 2
-    # An sRGB profile, or an unreadable one, leaves the pixels as they are.
-    srgb_bytes = srgb.tobytes()
-    for icc_profile in (srgb_bytes, b"not a profile at all"):
-        plain = decode_image(_pil_bytes(photo, "PNG", icc_profile=icc_profile), "p.png")
-        assert (plain[:, 8, 8] * 255).round().tolist() == [200, 120, 60]
-    # Alpha survives the conversion and is composited as before.
-    rgba = Image.new("RGBA", (4, 4), (200, 120, 60, 0))
-    clear = decode_image(_pil_bytes(rgba, "PNG", icc_profile=icc), "a.png", background="black")
-    assert clear.abs().max() == 0
+    options = {"quality": 100, "lossless": True} if fmt == "WEBP" else {}
+    data = _pil_bytes(photo, fmt, icc_profile=icc, **options)
+    image, profile = decode_image_with_profile(data, f"p.{fmt.lower()}")
+    assert profile == icc
+    assert (image[:, 8, 8] * 255).round().tolist() == pytest.approx([200, 120, 60], abs=1)
+    for out in ("png", "jpg", "webp"):
+        encoded = encode_image(image, out, 95, profile)
+        with Image.open(io.BytesIO(encoded)) as written:
+            written.load()  # a valid file, whole
+            assert written.info["icc_profile"] == icc
+        again, kept = decode_image_with_profile(encoded, f"o.{out}")
+        assert kept == icc and (again - image).abs().max() < 4 / 255
+    # A grey or CMYK profile does not describe the RGB output: left behind.
+    cmyk_icc = icc[:16] + b"CMYK" + icc[20:]
+    assert decode_image_with_profile(_pil_bytes(photo, "PNG", icc_profile=cmyk_icc))[1] is None
+
+
+def test_a_profile_larger_than_one_jpeg_segment_is_split() -> None:
+    icc = _rgb_profile("big", DISPLAY_P3) + bytes(200_000)  # 4 APP2 segments
+    icc = icc[:0] + len(icc).to_bytes(4, "big") + icc[4:]  # the header's size field
+    encoded = encode_image(torch.full((3, 8, 8), 0.5), "jpg", 90, icc)
+    with Image.open(io.BytesIO(encoded)) as written:
+        assert written.info["icc_profile"] == icc
+
+
+def test_purify_batch_outputs_carry_the_inputs_profile(tmp_path: Path) -> None:
+    from advpurify.pipeline.batch import run_pipeline
+    from advpurify.purifiers import create_purifier
+
+    icc = _rgb_profile("Display P3 (test)", DISPLAY_P3)
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (8, 8), (200, 120, 60)).save(src / "p3.png", icc_profile=icc)
+    Image.new("RGB", (8, 8), (200, 120, 60)).save(src / "plain.png")
+    run_pipeline(src, tmp_path / "out", create_purifier("bitdepth", bits=8))
+    with (
+        Image.open(tmp_path / "out" / "p3.png") as kept,
+        Image.open(tmp_path / "out" / "plain.png") as plain,
+    ):
+        assert kept.info.get("icc_profile") == icc and "icc_profile" not in plain.info
+        assert kept.getpixel((4, 4)) == (200, 120, 60)
 
 
 @pytest.mark.parametrize(

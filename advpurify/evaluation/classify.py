@@ -31,7 +31,6 @@ from PIL import Image
 from advpurify.errors import AdvpurifyError
 from advpurify.images import (
     check_png_data,
-    colour_profile,
     decode_jpeg_rgb,
     load_image,
     read_image_file,
@@ -70,8 +69,7 @@ class Preprocess:
             data = read_image_file(path)
             with Image.open(io.BytesIO(data)) as img:
                 plain = img.format in ("JPEG", "PNG") and img.mode in ("RGB", "L")
-                # One frame, in sRGB: else the exact path refuses it or converts its colours.
-                plain = plain and getattr(img, "n_frames", 1) == 1 and colour_profile(img) is None
+                plain = plain and getattr(img, "n_frames", 1) == 1  # else refused, exactly
                 if not plain or img.getexif().get(0x0112, 1) != 1 or "transparency" in img.info:
                     return None
                 if img.format == "PNG" and data[24:25] != b"\x08":

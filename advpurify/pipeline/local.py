@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from advpurify.files import atomic_write_bytes
-from advpurify.images import check_encodable, encode_image, image_size, load_image
+from advpurify.images import check_encodable, encode_image, image_size, load_image_with_profile
 from advpurify.pipeline.manifest import (
     Record,
     RunRecorder,
@@ -147,7 +147,9 @@ class LocalRunner:
 
     def _read(self, item: WorkItem) -> torch.Tensor:
         options = self.options
-        image = load_image(item.source, options.background, options.max_image_pixels)
+        image, item.profile = load_image_with_profile(
+            item.source, options.background, options.max_image_pixels
+        )
         check_encodable(image.shape[-1], image.shape[-2], options.fmt)  # before it is purified
         return image
 
@@ -199,7 +201,7 @@ class LocalRunner:
                 with self._late_lock:
                     self.late_untouched += 1
                 return
-            data = encode_image(image, self.options.fmt, self.options.quality)
+            data = encode_image(image, self.options.fmt, self.options.quality, item.profile)
             atomic_write_bytes(item.target, data, root=self.recorder.plan.output_dir)
             seconds = round(time.perf_counter() - item.started, 4)
             self.recorder.report(Record(str(item.source), str(item.target), "done", seconds))

@@ -116,6 +116,7 @@ class WorkItem:
     target: Path
     seed: int
     pixels: int | None = None  # from the header, read when the item is admitted
+    profile: bytes | None = None  # the input's RGB colour profile, embedded in its output
     started: float = 0.0  # when its read was submitted (the manifest's seconds)
 
 

@@ -34,7 +34,12 @@ import torch
 
 from advpurify.errors import AdvpurifyError
 from advpurify.files import atomic_write_bytes
-from advpurify.images import allow_pixels, check_encodable, encode_image, load_image
+from advpurify.images import (
+    allow_pixels,
+    check_encodable,
+    encode_image,
+    load_image_with_profile,
+)
 from advpurify.pipeline.local import execute
 from advpurify.pipeline.manifest import Record, RunRecorder, RunSummary, failure_reason
 from advpurify.pipeline.plan import RUN_FILE, RunPlan
@@ -186,12 +191,13 @@ def _decode(row: dict[str, Any], background: str, max_pixels: int, fmt: str) -> 
     row["started"] = time.time()  # wall clock: the image's stages run in other processes
     allow_pixels(max_pixels)  # in this worker process, as plan_run did in the driver
     try:
-        image = load_image(row["source"], background, max_pixels)
+        image, profile = load_image_with_profile(row["source"], background, max_pixels)
         check_encodable(image.shape[-1], image.shape[-2], fmt)  # before it is purified
         row["image"] = image.numpy()
         row["error"] = ""
+        row["profile"] = profile or b""  # one type per column: no profile is empty bytes
     except Exception as error:  # noqa: BLE001 - a bad file becomes a record
-        row["image"], row["error"] = _NO_IMAGE, failure_reason(error)
+        row["image"], row["error"], row["profile"] = _NO_IMAGE, failure_reason(error), b""
     return row
 
 
@@ -240,7 +246,8 @@ def _write(row: dict[str, Any], fmt: str, quality: int, root: str) -> dict[str, 
         return _record(source, None, "failed", 0.0, row["error"])
     try:
         image = torch.from_numpy(np.array(row["image"], np.float32))
-        atomic_write_bytes(target, encode_image(image, fmt, quality), root=root)
+        profile = bytes(row["profile"]) or None
+        atomic_write_bytes(target, encode_image(image, fmt, quality, profile), root=root)
     except Exception as error:  # noqa: BLE001 - one bad write must not stop the run
         return _record(source, None, "failed", 0.0, f"write failed: {error}")
     return _record(source, target, "done", round(time.time() - row["started"], 4), None)
