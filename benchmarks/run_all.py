@@ -6,11 +6,14 @@ Each script prints ratios measured within its own run; pass ``--only NAME`` to r
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# Scripts that compare against packages advpurify does not depend on: run where installed.
+NEEDS = {"bench_peers": (("art", "torchattacks"), "pip install 'advpurify[peers]'")}
 
 
 def main() -> int:
@@ -23,6 +26,11 @@ def main() -> int:
     failed = 0
     for script in scripts:
         print(f"\n=== {script.name} ===", flush=True)
+        modules, install = NEEDS.get(script.stem, ((), ""))
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"skipped: needs {', '.join(missing)} ({install})", flush=True)
+            continue
         failed += subprocess.call([sys.executable, str(script)]) != 0
     return 1 if failed else 0
 

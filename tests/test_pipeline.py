@@ -284,7 +284,12 @@ def test_console_scripts_exit_codes(sample_copy: Path, tmp_path: Path) -> None:
 
 
 def test_methods_command_lists_every_method() -> None:
-    result = subprocess.run([str(BIN / "advpurify"), "methods"], capture_output=True, text=True)
+    env = {**os.environ, "COLUMNS": "250"}
+    result = subprocess.run(
+        [str(BIN / "advpurify"), "methods"], capture_output=True, text=True, env=env
+    )
     assert result.returncode == 0
     for name in ["rescale", "jpeg", "bitdepth", "median", "tvm", "randpad"]:
         assert name in result.stdout
+    # The flags survive the table (square brackets would be eaten as markup).
+    assert "(stochastic, differentiable)" in result.stdout

@@ -214,7 +214,7 @@ def methods() -> None:
             for f, on in (("stochastic", cls.stochastic), ("differentiable", cls.differentiable))
             if on
         ]
-        notes = cls.description + (f"\n[{', '.join(flags)}]" if flags else "")
+        notes = cls.description + (f"\n({', '.join(flags)})" if flags else "")
         table.add_row(name, params or "-", notes)
     console.print(table)
 

@@ -27,8 +27,8 @@ NOT_EXPORTABLE: dict[str, str] = {
     "ppgn": "the PPGN sampler iterates gradient steps through the generator, encoder and "
     "classifier; a loop over gradients is not a fixed graph (the generator and encoder "
     "themselves export as models)",
-    "jpeg": "a JPEG encode/decode round trip has no ONNX operator (libjpeg/nvJPEG are not graph "
-    "ops): run it before the graph",
+    "jpeg": "a JPEG encode/decode round trip has no ONNX operator (libjpeg is not a graph op)"
+    ": run it before the graph",
     "tvm": "total-variation minimisation is an iterative solver whose per-channel stopping test "
     "is data-dependent control flow; a graph would run a fixed number of steps and give "
     "different images",
