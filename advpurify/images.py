@@ -10,6 +10,7 @@ EXIF orientation is applied, so the tensor is the image as a viewer shows it.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import stat
 import struct
@@ -27,7 +28,7 @@ from advpurify.files import atomic_write_bytes
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-    | {".ppm", ".pgm", ".pnm"}
+    | {".ppm", ".pgm", ".pbm", ".pnm"}
 )
 OUTPUT_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 BACKGROUNDS = {"white": 1.0, "black": 0.0}
@@ -35,6 +36,9 @@ BACKGROUNDS = {"white": 1.0, "black": 0.0}
 # 6936 = 64.1 million, fits) decode to 805 MB as float32 RGB. Below Pillow's own
 # decompression-bomb warning (89 megapixels).
 MAX_IMAGE_PIXELS = 2**26
+# Profiles above this are not carried into outputs: Pillow (and so advpurify) refuses a PNG
+# whose iCCP chunk inflates to more than 1 MiB. Real profiles are a few kB to a few 100 kB.
+MAX_PROFILE_BYTES = 1 << 20
 
 
 class ImageDecodeError(AdvpurifyError):
@@ -176,19 +180,20 @@ def decode_image_with_profile(
     try:
         with Image.open(io.BytesIO(data)) as img:
             _check_size(img.size, max_pixels)
-            _check_single_frame(img)
+            page = _select_frame(img)
+            _check_size(img.size, max_pixels)  # the page chosen may be another size
             orientation = img.getexif().get(0x0112, 1)
             profile = _rgb_profile(img)
-            if img.format == "JPEG" and img.mode in ("RGB", "L"):
+            if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L"):
                 # Most photographs: one strict decode, Pillow's pixels (decode_jpeg_rgb).
                 return _uint8_to_tensor(decode_jpeg_rgb(data), orientation), profile
             if img.format == "PNG":
                 check_png_data(data)
             img.load()  # decode everything now, so truncation is caught here
-            if img.format == "JPEG":
+            if img.format in ("JPEG", "MPO"):
                 _check_jpeg_data(data, img.mode)
             array = None
-            if _more_than_8_bits(img, data):
+            if page == 0 and _more_than_8_bits(img, data):  # OpenCV reads the first page
                 array = _decode_deep(data)  # full depth; its colour profile is not applied
             if array is None and img.mode in ("RGB", "L") and "transparency" not in img.info:
                 return _uint8_to_tensor(
@@ -222,23 +227,63 @@ class _MultiFrame(ValueError):
     pass
 
 
-def _check_single_frame(img: Image.Image) -> None:
-    # An animation or a multi-page file has no one image to purify: the first frame alone
-    # would drop the rest silently (or be a thumbnail page). A camera's MPO JPEG is one photo
-    # with previews after it; its first frame is the photo.
-    frames = getattr(img, "n_frames", 1)
-    if frames > 1 and img.format != "MPO":
+def _select_frame(img: Image.Image) -> int:
+    """Seek to the one picture of the file and return its frame index.
+
+    An animation or a multi-page file has no one image to purify: its first frame alone would
+    drop the rest silently, so it is refused. A camera's MPO JPEG is one photo with previews
+    after it (frame 0 is the photo). A TIFF's reduced-resolution copies and masks
+    (NewSubfileType bits 0 and 2) belong to its main page, which may come after a thumbnail.
+    """
+    if img.format == "MPO":
+        return 0
+    if img.format == "TIFF":
+        pages = _tiff_main_pages(img)
+        img.seek(pages[0])
+    else:
+        try:
+            pages = list(range(getattr(img, "n_frames", 1)))
+        except Exception as error:  # Pillow walks the frames: a broken chain raises anything
+            raise ValueError(f"unreadable frames ({type(error).__name__}: {error})") from None
+        finally:
+            img.seek(0)
+    if len(pages) > 1:
         raise _MultiFrame(
-            f"{frames} frames (an animation or a multi-page {img.format} file): only single "
-            "images are purified; save each frame as a file of its own"
+            f"{len(pages)} frames (an animation or a multi-page {img.format} file): only "
+            "single images are purified; save each frame as a file of its own"
         )
+    return pages[0]
+
+
+def _tiff_main_pages(img: Image.Image) -> list[int]:
+    pages: list[int] = []
+    for index in itertools.count():
+        try:
+            img.seek(index)
+        except EOFError:
+            break
+        except Exception:  # noqa: BLE001 - a broken IFD chain: libtiff reads what precedes it
+            break
+        if not img.tag_v2.get(254, 0) & 0b101:
+            pages.append(index)
+    return pages or [0]
+
+
+def rgb_profile(data: bytes) -> bytes | None:
+    """The RGB colour profile embedded in image file bytes (None: none, or not an RGB one);
+    reads the header only."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return _rgb_profile(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def _rgb_profile(img: Image.Image) -> bytes | None:
     """The embedded ICC profile when it describes the RGB values decoded (not a CMYK or grey
     one, which the conversion to RGB leaves behind)."""
     icc = img.info.get("icc_profile")
-    if not icc or len(icc) < 128 or icc[16:20] != b"RGB ":
+    if not icc or len(icc) < 128 or icc[16:20] != b"RGB " or len(icc) > MAX_PROFILE_BYTES:
         return None
     return icc if img.mode in ("RGB", "RGBA", "P", "PA", "I;16", "I;16B") else None
 
@@ -485,7 +530,6 @@ def save_image(
     """Encode and atomically write one image; the format defaults to the file's extension."""
     path = Path(path)
     if fmt is None:
-        fmt = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}.get(
-            path.suffix.lower(), "png"
-        )
+        jpeg = {".jpg": "jpg", ".jpeg": "jpg", ".jpe": "jpg", ".jfif": "jpg"}
+        fmt = {".png": "png", ".webp": "webp", **jpeg}.get(path.suffix.lower(), "png")
     atomic_write_bytes(path, encode_image(image, fmt, quality, profile))

@@ -737,14 +737,14 @@ def test_reads_run_a_batch_ahead_while_the_device_works(tmp_path: Path, monkeypa
     for k in range(40):
         (src / f"{k:02d}.png").write_bytes(_png(seed=k))
     decoded: list[int] = []
-    real_load = local.load_image
+    real_load = local.load_image_with_profile
 
     def counting_load(*args, **kwargs):
         image = real_load(*args, **kwargs)
         decoded.append(1)
         return image
 
-    monkeypatch.setattr(local, "load_image", counting_load)
+    monkeypatch.setattr(local, "load_image_with_profile", counting_load)
     purifier = _SlowDevice(decoded)
     options = PipelineOptions(batch_size=8, workers=2)
     run_pipeline(src, tmp_path / "out", purifier, options)
@@ -931,3 +931,14 @@ def test_files_left_out_by_extension_are_counted(tmp_path, monkeypatch, capsys) 
     )
     assert code == 1 and "no image files found (1 other files, e.g. notes.txt)" in err
     assert ".jfif" in err  # and which extensions count
+
+
+def test_empty_values_are_allowed_where_they_mean_something() -> None:
+    from advpurify.cli import refuse_empty_arguments
+
+    refuse_empty_arguments(["batch", "in", "-m", "rescale", "--ray-address", ""])
+    refuse_empty_arguments(["batch", "in", "-m", "rescale", "--ray-address="])
+    refuse_empty_arguments(["batch", "in", "-m", "rescale", "-p", "name="])  # -p checks it
+    refuse_empty_arguments(["batch", "--", "--odd-name=", ""])  # positional after --
+    with pytest.raises(AdvpurifyError, match="--json: empty value"):
+        refuse_empty_arguments(["eval", "in", "--json="])

@@ -358,3 +358,69 @@ def test_more_extensions_are_found_and_the_rest_is_listed(tmp_path: Path) -> Non
     left_out: list[Path] = []
     assert [p.name for p in find_images(tmp_path, left_out)] == names
     assert sorted(p.name for p in left_out) == ["noext", "notes.txt"]
+
+
+def _tiff_pages(*pages: tuple[Image.Image, int]) -> bytes:
+    """A TIFF of the given pages, each with its NewSubfileType (1: reduced resolution)."""
+    from PIL import TiffImagePlugin
+
+    buffer = io.BytesIO()
+    with TiffImagePlugin.AppendingTiffWriter(buffer) as tiff:
+        for page, subfile_type in pages:
+            page.save(tiff, "TIFF", tiffinfo={254: subfile_type})
+            tiff.newFrame()
+    return buffer.getvalue()
+
+
+def test_a_tiffs_thumbnail_pages_are_not_taken_for_the_picture() -> None:
+    main = Image.new("RGB", (64, 48), (10, 200, 30))
+    thumb = Image.new("RGB", (16, 12), (250, 0, 0))
+    for pages in ([(main, 0), (thumb, 1)], [(thumb, 1), (main, 0)]):
+        image = decode_image(_tiff_pages(*pages), "scan.tif")
+        assert tuple(image.shape) == (3, 48, 64) and image[1].mean() > 0.7  # the main page
+    with pytest.raises(ImageDecodeError, match="2 frames"):
+        decode_image(_tiff_pages((main, 0), (main, 0)), "two.tif")
+
+
+def test_broken_frame_chains_fail_as_decode_errors_or_read_like_libtiff() -> None:
+    import struct
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), (10, 200, 30)).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    first = struct.unpack("<I", data[4:8])[0]
+    link = first + 2 + 12 * struct.unpack("<H", data[first : first + 2])[0]
+    for offset in (9, len(data) - 3, len(data) + 1000):  # the next-page link leads nowhere
+        data[link : link + 4] = struct.pack("<I", offset)
+        assert tuple(decode_image(bytes(data), "a.tif").shape) == (3, 24, 32)  # page 1 only
+    frames = [Image.new("RGB", (32, 24), colour) for colour in ("green", "red")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    gif = buffer.getvalue()
+    rng = np.random.default_rng(0)
+    for _ in range(120):
+        broken = bytearray(gif)
+        broken[rng.integers(13, len(gif))] = rng.integers(0, 256)
+        try:
+            decode_image(bytes(broken), "a.gif")
+        except ImageDecodeError:
+            pass  # anything else escaping is the failure
+
+
+def test_a_corrupt_mpo_photo_is_refused_like_a_corrupt_jpeg() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    photo = Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    photo.save(buffer, "MPO", save_all=True, append_images=[photo.resize((24, 16))], quality=90)
+    mpo = buffer.getvalue()
+    assert tuple(decode_image(mpo, "camera.jpg").shape) == (3, 64, 96)
+    scan = mpo.index(b"\xff\xda")
+    broken = mpo[: scan + 200] + b"\xff\xd9" * 30 + mpo[scan + 260 :]
+    with pytest.raises(ImageDecodeError, match="corrupt"):
+        decode_image(broken, "camera.jpg")
+
+
+def test_a_profile_too_large_for_a_png_is_not_carried() -> None:
+    icc = _rgb_profile("huge", DISPLAY_P3) + bytes(3_000_000)
+    photo = Image.new("RGB", (8, 8), (200, 120, 60))
+    assert decode_image_with_profile(_pil_bytes(photo, "JPEG", icc_profile=icc), "x.jpg")[1] is None

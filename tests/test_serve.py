@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from advpurify.errors import AdvpurifyError
-from advpurify.images import encode_image, load_image
+from advpurify.images import encode_image, load_image, rgb_profile
 from advpurify.models.classifiers import load_classifier
 from advpurify.purifiers import create_purifier
 from advpurify.serve import app as serve_app
@@ -255,7 +255,7 @@ def get_json(url: str):
 
 def library_png(library, path: Path, seed: int) -> bytes:
     purified = library["purifier"](load_image(path)[None], [seed])[0]
-    return encode_image(purified, "png")
+    return encode_image(purified, "png", 95, rgb_profile(path.read_bytes()))
 
 
 def library_top5(library, image: torch.Tensor):
@@ -290,6 +290,12 @@ def test_purify_bytes_equal_library(server, library, sample_paths):
     seed = int(headers["x-advpurify-seed"])
     assert again == post(server["url"] + "/purify", path.read_bytes())[2]
     assert again == library_png(library, path, seed) != body
+    # An image with a colour profile (Adobe RGB): the answer carries it, as purify-batch's does.
+    tagged = sample_paths[1]
+    status, _, body = post(server["url"] + "/purify?seed=5", tagged.read_bytes())
+    assert status == 200 and body == library_png(library, tagged, 5)
+    with Image.open(io.BytesIO(body)) as answer:
+        assert answer.info["icc_profile"] == rgb_profile(tagged.read_bytes()) is not None
 
 
 def test_classify_top5_equal_library(server, library, sample_paths):

@@ -37,6 +37,8 @@ def refuse_empty_arguments(argv: list[str]) -> None:
     """An empty argument is a path or value left out by mistake (``samples "$DIR"`` with DIR
     unset): as a path it would silently mean the current folder."""
     for index, arg in enumerate(argv):
+        if arg == "--":  # what follows is positional, whatever it looks like
+            break
         if arg.startswith("--") and arg.endswith("=") and arg[:-1] not in EMPTY_ALLOWED:
             raise AdvpurifyError(f"{arg[:-1]}: empty value")
         if arg == "":

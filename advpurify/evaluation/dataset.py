@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from advpurify.errors import AdvpurifyError
-from advpurify.images import find_images, load_image
+from advpurify.images import IMAGE_EXTENSIONS, find_images, load_image
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ def list_images(root: Path) -> tuple[Path, list[Path]]:
         raise AdvpurifyError(f"{root}: no such file or folder")
     paths = find_images(root)
     if not paths:
-        raise AdvpurifyError(f"{root}: no images found (looked for jpg, png, bmp, webp, tiff)")
+        found_by = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise AdvpurifyError(f"{root}: no images found (looked for {found_by})")
     return root, paths
 
 

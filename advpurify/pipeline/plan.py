@@ -267,8 +267,8 @@ def prepare_run_file(output_dir: Path, config: dict[str, Any], overwrite: bool) 
 def refuse_foreign_outputs(output_dir: Path, targets: list[Path]) -> None:
     """Without ``run.json`` no earlier run wrote here: a file already at an output path is
     somebody else's, or of unknown settings, and is never taken for a finished output."""
-    if (output_dir / RUN_FILE).exists():
-        return
+    if (output_dir / RUN_FILE).exists() or set(os.listdir(output_dir)) <= {LOCK_FILE}:
+        return  # a new or empty folder: nothing to look for, file by file
     root, inside = output_dir.resolve(), {}
     for target in targets:
         if target.parent not in inside:  # a folder linked out of the output fails per image

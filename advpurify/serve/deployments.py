@@ -23,7 +23,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from advpurify.errors import AdvpurifyError
-from advpurify.images import allow_pixels, encode_image
+from advpurify.images import allow_pixels, encode_image, rgb_profile
 from advpurify.models.classifiers import check_resizable
 from advpurify.serve.config import ServeConfig
 from advpurify.serve.protocol import (
@@ -210,10 +210,11 @@ class PurifierDeployment:
     async def purify_route(self, request: Request) -> Response:
         """An image in the body -> the purified image as PNG."""
         try:
-            _, _, purified, purifier, seed, seconds = await self._purified(request)
+            data, _, purified, purifier, seed, seconds = await self._purified(request)
         except RequestError as error:
             return _error(error)
-        png = await asyncio.to_thread(encode_image, purified, "png")
+        # The input's colour profile, if any, goes with the values (as purify-batch does).
+        png = await asyncio.to_thread(encode_image, purified, "png", 95, rgb_profile(data))
         return Response(png, media_type="image/png", headers=self._headers(purifier, seed, seconds))
 
     @api.post("/classify")
