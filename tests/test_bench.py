@@ -217,6 +217,7 @@ def test_cli_bench_methods_json_shape_and_plot(tmp_path):
         app,
         ["bench", "--method", "rescale", "--method", "median", "-p", "median.kernel=5",
          "--size", "32", "--size", "48", "--batch-size", "1", "--batch-size", "3",
+         "--size", "32", "--method", "rescale",  # a value given twice is timed once
          "--iterations", "4", "--warmup", "1", "--json", str(out), "--plot", str(plot)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -179,8 +179,11 @@ def test_bad_parameters_and_weights(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("ADVPURIFY_HOME", str(tmp_path / "home"))
     with pytest.raises(ParamError, match="center, tiled"):
         create_purifier("context-encoder", mode="everything")
-    with pytest.raises(WeightsError, match="weights context-encoder-imagenet not found"):
+    with pytest.raises(WeightsError, match="weights context-encoder-imagenet not found") as error:
         create_purifier("context-encoder")
+    # The hint names both forms of the setting: batch's -p and experiment's --param.
+    assert "`-p weights=ce.pt`" in str(error.value)
+    assert "`--param context-encoder.weights=ce.pt` in experiment" in str(error.value)
     with pytest.raises(WeightsError, match="no such weights file"):
         create_purifier("context-encoder", weights=str(tmp_path / "nothing.pt"))
     junk = tmp_path / "junk.pt"

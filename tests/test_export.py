@@ -352,3 +352,25 @@ def test_export_and_bench_refuse_bad_options_before_any_work(tmp_path, args, mes
     result = CliRunner().invoke(app, args.format(tmp=tmp_path).split())
     assert result.exit_code == 1 and message in result.output
     assert [p.name for p in tmp_path.iterdir()] == ["folder.json"]
+
+
+def test_the_torchscript_fallback_says_it_wrote_a_lower_opset(tmp_path, monkeypatch):
+    from advpurify.runtime import onnx as onnx_runtime
+
+    real_export = torch.onnx.export
+
+    def no_dynamo(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("torch.export cannot trace this module")
+        return real_export(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", no_dynamo)
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    path = tmp_path / "m.onnx"
+    example = torch.rand(1, 3, 8, 8)
+    used = onnx_runtime._export_to(module, example, path, opset=21, dynamic_batch=False)
+    assert used.startswith("torchscript") and used.endswith(", opset 20 instead of 21)")
+    assert onnx_runtime.file_opset(path) == 20
+    path.unlink()
+    asked = onnx_runtime._export_to(module, example, path, opset=18, dynamic_batch=False)
+    assert "instead" not in asked and onnx_runtime.file_opset(path) == 18

@@ -422,3 +422,32 @@ def test_the_servers_pixel_limit_is_the_decoders(monkeypatch):
     assert seen["max_pixels"] == 100_000_000  # not load_image's default 64M
     with pytest.raises(RequestError, match="seed='1_0'"):
         seed_for(b"x", {"seed": "1_0"})
+
+
+def test_sigterm_stops_the_server_as_ctrl_c_does(monkeypatch):
+    # No Ray: start/stop stand in, the signal is real.
+    import os
+    import signal
+    import threading
+
+    stopped: list[bool] = []
+    monkeypatch.setattr(serve_app, "start", lambda config: "http://127.0.0.1:1")
+    monkeypatch.setattr(serve_app, "stop", lambda: stopped.append(True))
+    previous = signal.getsignal(signal.SIGTERM)
+    notes: list[str] = []
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        serve_app.serve_forever(ServeConfig("rescale"), notes.append)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+    assert notes[-1] == "stopping" and stopped == [True]
+    # Served from another thread (a library caller): no handler is installed there.
+    monkeypatch.setattr(
+        serve_app.time, "sleep", lambda seconds: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
+    worker = threading.Thread(target=serve_app.serve_forever, args=(ServeConfig("rescale"), print))
+    worker.start()
+    worker.join(10)
+    assert signal.getsignal(signal.SIGTERM) is previous and stopped == [True, True]
