@@ -206,20 +206,34 @@ def test_attack_then_eval(tmp_path, sample_paths):
     assert len(rows) == 2 and rows[0]["label_wnid"].startswith("n")
 
 
-def test_attack_warns_about_jpeg_and_eval_needs_labels_or_reference(tmp_path, photo_dir):
+def test_attack_jpeg_outputs_are_reported_as_written_and_eval_reads_the_manifest(
+    tmp_path, photo_dir
+):
     (photo_dir / "broken.jpg").unlink()
     out = tmp_path / "adv"
     result = invoke("attack", photo_dir, "-o", out, *LITE0, "--eps", "4", "--format", "jpg")
     assert result.exit_code == 0, result.output
     assert "JPEG compression is itself a purification" in result.stderr
     assert len(list(out.glob("*.jpg"))) == 3
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
-    result = invoke("eval", out, *LITE0)
-    assert result.exit_code == 1 and "--reference" in result.stderr
+    # No labels in the names: eval takes the attack's own (its clean predictions) from the
+    # manifest, and its numbers are those of the files, as the attack reported them.
     summary = tmp_path / "eval.json"
+    result = invoke("eval", out, *LITE0, "--json", summary)
+    assert result.exit_code == 0, result.output
+    assert "agreement with clean prediction" in result.stdout
+    numbers = json.loads(summary.read_text())
+    assert numbers["label_source"] == "attack-manifest:clean-prediction"
+    assert numbers["top1"] == pytest.approx(sum(r["adv_pred"] == r["label"] for r in records) / 3)
+    # An explicit --reference still wins.
     result = invoke("eval", out, *LITE0, "--reference", photo_dir, "--json", summary)
     assert result.exit_code == 0, result.output
     assert json.loads(summary.read_text())["label_source"] == "clean-prediction"
+    # Without the manifest nothing says what the labels are.
+    (out / "manifest.jsonl").unlink()
+    result = invoke("eval", out, *LITE0)
+    assert result.exit_code == 1 and "--reference" in result.stderr
 
 
 @pytest.mark.parametrize(

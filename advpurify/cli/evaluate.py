@@ -85,7 +85,7 @@ def attack_command(
     )
     metric = (
         "agreement with clean prediction"
-        if summary["label_source"] == "clean-prediction"
+        if summary["label_source"].endswith("clean-prediction")
         else "accuracy"
     )
     print(
@@ -136,9 +136,10 @@ def eval_command(
     if csv_path:
         result.write_csv(csv_path)
     m = result.metrics
+    # Labels that are (or came from) the clean predictions measure agreement, not accuracy.
     metric = (
         "agreement with clean prediction"
-        if result.label_source == "clean-prediction"
+        if result.label_source.endswith("clean-prediction")
         else "accuracy"
     )
     print(
@@ -216,7 +217,7 @@ def experiment_command(
     _check_labels(labels)
     result = run_experiment(config, log=_err)
     report = result.report
-    if report["label_source"] == "clean-prediction":
+    if report["label_source"].endswith("clean-prediction"):
         print("No labels: numbers are agreement with the clean prediction, not accuracy.")
     print(markdown_table(report))
     print(

@@ -16,6 +16,7 @@ from advpurify.evaluation.dataset import Failure, list_images, load_dataset, rel
 from advpurify.evaluation.labels import (
     SOURCE_CLEAN,
     LabelError,
+    attack_manifest_labels,
     label_from_path,
     resolve_labels,
 )
@@ -129,13 +130,15 @@ def check_eval_inputs(
     root: Path, labels_csv: Path | None = None, reference: Path | None = None
 ) -> tuple[Path, list[Path]]:
     """What can be checked before a classifier loads: images to evaluate, labels for them
-    somewhere (the CSV, the paths, or a reference folder). Returns ``list_images(root)``."""
+    somewhere (the CSV, the paths, an attack's manifest or a reference folder). Returns
+    ``list_images(root)``."""
     root, paths = list_images(Path(root))
     if reference is not None and not Path(reference).exists():
         raise LabelError(f"--reference {reference}: no such file or folder")
     if labels_csv is None and reference is None:
         if all(label_from_path(path, root) is None for path in paths):
-            raise LabelError(_NO_LABELS.format(root=root))
+            if attack_manifest_labels(root) is None:
+                raise LabelError(_NO_LABELS.format(root=root))
     return root, paths
 
 
@@ -168,7 +171,8 @@ def evaluate_folder(
     failures = [Failure(path, reason) for path, reason in result.failures]
     if not result.paths:
         raise AdvpurifyError(f"{root}: no readable images ({len(failures)} failed to decode)")
-    labels = resolve_labels(result.paths, root, labels_csv)
+    # An explicit --reference wins over the labels of an attack's manifest in the folder.
+    labels = resolve_labels(result.paths, root, labels_csv, attack_manifest=reference is None)
     logits = result.logits
     check_num_classes(logits, classifier.name)
     predictions = topk_predictions(logits, 5)

@@ -21,7 +21,7 @@ from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk
 from advpurify.evaluation.dataset import list_images, load_dataset
 from advpurify.evaluation.labels import parse_label, resolve_labels
 from advpurify.files import atomic_write_bytes, check_output_outside, mirror_names
-from advpurify.images import OUTPUT_FORMATS, save_image
+from advpurify.images import OUTPUT_FORMATS, decode_image, encode_image
 from advpurify.models.classifiers import LoadedClassifier
 from advpurify.models.imagenet import class_name
 from advpurify.purifiers.base import image_seed
@@ -89,19 +89,24 @@ def attack_folder(
             attack(model, images, goal[start:stop], config, seeds=seeds[start:stop]).cpu()
         )
         log(f"attacked {stop}/{len(keys)}")
-    adv = torch.cat(adversarial)
-    adv_preds = topk_predictions(classifier.logits(adv, batch_size=batch_size), 5)
+    # What is reported is what was written: the images as their files decode (8-bit levels,
+    # and for JPEG/WebP the codec's own changes), not the float tensors the attack made.
+    encoded = [encode_image(image, fmt) for image in torch.cat(adversarial)]
+    written = torch.stack([decode_image(data) for data in encoded])
+    adv_preds = topk_predictions(classifier.logits(written, batch_size=batch_size), 5)
 
     out.mkdir(parents=True, exist_ok=True)
     records = []
     for i, name in enumerate(names):
         target_path = out / name
-        save_image(adv[i], target_path, fmt=fmt)
+        atomic_write_bytes(target_path, encoded[i])
         record = {
             "input": str(data.paths[i]),
             "output": str(target_path),
             "status": "done",
+            "name": name.as_posix(),  # eval finds each output's label by it
             "label": int(labels[i]),
+            "label_source": resolved.source,
             "label_name": class_name(int(labels[i])),
             "clean_pred": int(clean_preds[i, 0]),
             "clean_pred_name": class_name(int(clean_preds[i, 0])),

@@ -5,13 +5,17 @@
 - A CSV (``--labels``): ``path,label`` per line, label a class index (0-999) or a WordNet id;
   path relative to the data root (or just the file name when that is unambiguous). A header
   line is allowed.
-- Neither: the caller uses the classifier's clean prediction as a pseudo-label and reports
-  "agreement with clean prediction" rather than accuracy.
+- The ``manifest.jsonl`` that ``advpurify attack`` wrote beside its outputs: the label each
+  adversarial image was attacked away from (``attack-manifest``; where the attack itself had
+  no labels, those are the clean predictions: ``attack-manifest:clean-prediction``).
+- None of these: the caller uses the classifier's clean prediction as a pseudo-label and
+  reports "agreement with clean prediction" rather than accuracy.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,8 @@ from advpurify.models.imagenet import NUM_CLASSES, WNID_PATTERN, wnid_to_index
 SOURCE_PATH = "path"
 SOURCE_CSV = "csv"
 SOURCE_CLEAN = "clean-prediction"
+SOURCE_ATTACK = "attack-manifest"
+ATTACK_MANIFEST = "manifest.jsonl"
 
 
 class LabelError(AdvpurifyError, ValueError):
@@ -109,8 +115,14 @@ class Labels:
         return [int(i) for i in self.indices]  # type: ignore[arg-type]
 
 
-def resolve_labels(paths: Sequence[Path], root: Path, labels_csv: Path | None = None) -> Labels:
-    """Labels for ``paths`` (all below ``root``): from the CSV, else from the paths, else none.
+def resolve_labels(
+    paths: Sequence[Path],
+    root: Path,
+    labels_csv: Path | None = None,
+    attack_manifest: bool = True,
+) -> Labels:
+    """Labels for ``paths`` (all below ``root``): from the CSV, else from the paths, else from
+    an attack's manifest in ``root``, else none.
 
     Returns ``source == "clean-prediction"`` with all indices ``None`` when no image carries a
     label; the caller fills them with the clean predictions.
@@ -118,29 +130,65 @@ def resolve_labels(paths: Sequence[Path], root: Path, labels_csv: Path | None = 
     root = Path(root)
     if labels_csv is not None:
         table = read_labels_csv(Path(labels_csv))
-        by_name: dict[str, list[int]] = {}
-        for key, index in table.items():
-            by_name.setdefault(Path(key).name, []).append(index)
-        indices: list[int | None] = []
-        for path in paths:
-            rel = _relative(path, root)
-            index = table.get(rel, table.get(str(path)))
-            if index is None and len(by_name.get(path.name, [])) == 1:
-                index = by_name[path.name][0]
-            if index is None:
-                raise LabelError(f"labels file {labels_csv}: no label for {rel}")
-            indices.append(index)
-        return Labels(indices, SOURCE_CSV)
+        return Labels(_from_table(paths, root, table, f"labels file {labels_csv}"), SOURCE_CSV)
     found = [label_from_path(path, root) for path in paths]
     missing = [path for path, index in zip(paths, found, strict=True) if index is None]
     if not missing:
         return Labels(found, SOURCE_PATH)
     if len(missing) == len(paths):
+        attacked = attack_manifest_labels(root) if attack_manifest else None
+        if attacked is not None:
+            table, source = attacked
+            return Labels(_from_table(paths, root, table, str(root / ATTACK_MANIFEST)), source)
         return Labels([None] * len(paths), SOURCE_CLEAN)
     raise LabelError(
         f"{len(missing)} of {len(paths)} images have no WordNet id in their name or folder "
         f"(first: {_relative(missing[0], root)}); give --labels FILE.csv"
     )
+
+
+def _from_table(
+    paths: Sequence[Path], root: Path, table: dict[str, int], where: str
+) -> list[int | None]:
+    """Each path's label by its path relative to ``root`` (or as given, or by its file name
+    where that is unambiguous)."""
+    by_name: dict[str, list[int]] = {}
+    for key, index in table.items():
+        by_name.setdefault(Path(key).name, []).append(index)
+    indices: list[int | None] = []
+    for path in paths:
+        rel = _relative(path, root)
+        index = table.get(rel, table.get(str(path)))
+        if index is None and len(by_name.get(path.name, [])) == 1:
+            index = by_name[path.name][0]
+        if index is None:
+            raise LabelError(f"{where}: no label for {rel}")
+        indices.append(index)
+    return indices
+
+
+def attack_manifest_labels(root: Path) -> tuple[dict[str, int], str] | None:
+    """``({output name: label}, source)`` from the manifest ``advpurify attack`` wrote in
+    ``root``; None where there is none (or it is another command's manifest)."""
+    manifest = Path(root) / ATTACK_MANIFEST
+    if not manifest.is_file():
+        return None
+    table: dict[str, int] = {}
+    sources = set()
+    try:
+        for line in manifest.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("status") != "done" or "label" not in record:
+                continue
+            name = record.get("name") or Path(record["output"]).name
+            table[name] = parse_label(str(record["label"]), f"{manifest}: {name}")
+            sources.add(record.get("label_source"))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise LabelError(f"{manifest}: not a readable attack manifest ({error})") from None
+    if not table:
+        return None
+    clean = SOURCE_CLEAN in sources
+    return table, f"{SOURCE_ATTACK}:{SOURCE_CLEAN}" if clean else SOURCE_ATTACK
 
 
 def _relative(path: Path, root: Path) -> str:
