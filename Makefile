@@ -42,7 +42,9 @@ bench: $(STAMP)
 
 # On a machine with one NVIDIA GPU, in at most 8 minutes, offline, installing nothing (no .venv:
 # the machine's own python with torch): JSON + log in GPU_OUT (docs/gpu.md). DATA: the folder
-# of sample images (default $$ADVPURIFY_DATA). On a CPU, GPU_CHECK_ARGS=--dry-run proves it runs.
+# of sample images (default $$ADVPURIFY_DATA). On a CPU, after `make setup`,
+# `make gpu-check PYTHON=.venv/bin/python GPU_CHECK_ARGS=--dry-run` proves it runs. Exit 1 when a
+# step failed as a whole.
 GPU_OUT ?= gpu-check-out
 GPU_CHECK_ARGS ?=
 gpu-check:

@@ -132,7 +132,9 @@ class Run:
         self.say(f"done in {self.result['seconds']} s: {statuses}")
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.log.close()
-        return 0
+        # Exit 1 when a step failed as a whole (no torch, say): nothing of it was proved. A
+        # step with some failed measurements, or cut by its slice, still reported what it had.
+        return 1 if "error" in statuses.values() else 0
 
     def run_step(self, name: str, seconds: float) -> dict:
         rows_path = self.out / "steps" / f"{name}.jsonl"

@@ -85,3 +85,17 @@ def test_missing_pytest_is_reported_not_fatal(tmp_path, monkeypatch):
     step.rows.close()
     (record,) = [json.loads(line) for line in (tmp_path / "steps" / "tests.jsonl").open()]
     assert record["kind"] == "skipped" and "pytest is not installed" in record["reason"]
+
+
+def test_a_step_that_fails_as_a_whole_makes_the_run_exit_1(tmp_path):
+    # A machine without torch: the step's process cannot even start its work.
+    fake = tmp_path / "site"
+    fake.mkdir()
+    (fake / "torch.py").write_text("raise ImportError('no torch on this machine')\n")
+    out = tmp_path / "out"
+    command = [sys.executable, str(SCRIPT), str(out), "--dry-run", "--only", "env"]
+    env = {**os.environ, "PYTHONPATH": str(fake)}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["steps"]["env"]["status"] == "error"
