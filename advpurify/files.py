@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePath
 from typing import Any
@@ -102,6 +103,22 @@ def remove_stale_temporaries(root: Path | str) -> int:
             if _TEMP_NAME.match(name):
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(folder, name))
+                    removed += 1
+    return removed
+
+
+def remove_stale_temporaries_of(target: Path | str, min_age_s: float = 3600.0) -> int:
+    """Delete the temporaries of ``target`` a killed writer left beside it (in a cache shared by
+    processes): only those older than ``min_age_s``, so a live writer's is never touched."""
+    target = Path(target)
+    prefix, removed, now = _temp_prefix(target.name), 0, time.time()
+    with contextlib.suppress(OSError), os.scandir(target.parent) as entries:
+        for entry in entries:
+            if not (entry.name.startswith(prefix) and _TEMP_NAME.match(entry.name)):
+                continue
+            with contextlib.suppress(OSError):
+                if now - entry.stat(follow_symlinks=False).st_mtime > min_age_s:
+                    os.unlink(entry.path)
                     removed += 1
     return removed
 

@@ -424,3 +424,22 @@ def test_a_profile_too_large_for_a_png_is_not_carried() -> None:
     icc = _rgb_profile("huge", DISPLAY_P3) + bytes(3_000_000)
     photo = Image.new("RGB", (8, 8), (200, 120, 60))
     assert decode_image_with_profile(_pil_bytes(photo, "JPEG", icc_profile=icc), "x.jpg")[1] is None
+
+
+def test_a_killed_writers_temporary_in_a_shared_cache_is_removed_once_old(tmp_path) -> None:
+    from advpurify.files import remove_stale_temporaries_of
+
+    target = tmp_path / "net-fp32-abc.onnx"
+    old, young = (
+        tmp_path / ".net-fp32-abc.onnx.k3j9x0ab.partial",
+        tmp_path / (".net-fp32-abc.onnx.zz11yy22.partial"),
+    )
+    other = tmp_path / ".other.onnx.k3j9x0ab.partial"
+    mine = tmp_path / ".notes.partial"
+    for path in (old, young, other, mine):
+        path.write_bytes(b"")
+    two_hours_ago = os.path.getmtime(old) - 7200
+    for path in (old, other, mine):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    assert remove_stale_temporaries_of(target) == 1
+    assert not old.exists() and young.exists() and other.exists() and mine.exists()

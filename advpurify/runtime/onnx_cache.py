@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from advpurify.files import sha256_file
+from advpurify.files import remove_stale_temporaries_of, sha256_file
 from advpurify.paths import cache_home
 from advpurify.runtime.onnx import DEFAULT_OPSET, check_model, compare_with_torch, export_onnx
 
@@ -101,6 +101,7 @@ def cached_onnx(
             if notify:
                 notify(f"cached ONNX file {path} does not match its recorded hash: rebuilding")
             discard(path)
+        remove_stale_temporaries_of(path)  # left by an export that was killed
         example = torch.rand(2, *sample_shape, generator=torch.Generator().manual_seed(0))
         export_onnx(
             module,
