@@ -260,10 +260,8 @@ def _tiff_main_pages(img: Image.Image) -> list[int]:
     for index in itertools.count():
         try:
             img.seek(index)
-        except EOFError:
-            break
-        except Exception:  # noqa: BLE001 - a broken IFD chain: libtiff reads what precedes it
-            break
+        except Exception:  # noqa: BLE001 - the end (EOFError) or a broken chain: libtiff, too,
+            break  # reads the pages before it
         if not img.tag_v2.get(254, 0) & 0b101:
             pages.append(index)
     return pages or [0]
@@ -285,7 +283,7 @@ def _rgb_profile(img: Image.Image) -> bytes | None:
     icc = img.info.get("icc_profile")
     if not icc or len(icc) < 128 or icc[16:20] != b"RGB " or len(icc) > MAX_PROFILE_BYTES:
         return None
-    return icc if img.mode in ("RGB", "RGBA", "P", "PA", "I;16", "I;16B") else None
+    return icc if img.mode in ("RGB", "RGBA", "P", "PA") else None  # 16-bit RGB reads as RGB
 
 
 def _more_than_8_bits(img: Image.Image, data: bytes) -> bool:
