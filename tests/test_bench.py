@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -415,3 +416,14 @@ def test_bench_decode_checks_identical_tensors_and_prints_the_ratio(sample_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "identical tensors" in done.stdout
     assert re.search(r"load_image vs before: [\d.]+x faster", done.stdout)
+
+
+def test_the_same_pixels_are_prepared_alike_whatever_the_file_format(tmp_path):
+    # A 224 x 224 image is the crop already: the exact path (WebP, RGBA, rotated files) must
+    # not scale it to 256 and crop, as the fast path (PNG, JPEG) and the classifier do not.
+    pixels = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(pixels).save(tmp_path / "a.webp", lossless=True)
+    prepare = Preprocess()
+    assert prepare._fast(tmp_path / "a.webp") is None  # the exact path, really
+    assert torch.equal(prepare(tmp_path / "a.png"), prepare(tmp_path / "a.webp"))

@@ -475,3 +475,58 @@ def test_an_image_too_elongated_to_classify_fails_alone(tmp_path):
     data = load_dataset(tmp_path, lambda x: resize_center_crop(x, 256, 224), 224)
     assert [p.name for p in data.paths] == ["ok.png"]
     assert "too elongated" in data.failures[0].reason
+
+
+def test_labels_from_an_attack_manifest_follow_their_source_and_refuse_bad_lines(tmp_path):
+    from advpurify.evaluation.labels import LabelError, attack_manifest_labels, resolve_labels
+
+    root = tmp_path / "adv"
+    root.mkdir()
+    for name in ("a.png", "n01440764_fish.png"):
+        (root / name).write_bytes(b"")
+    lines = [
+        {"status": "done", "name": "a.png", "label": 3, "label_source": "csv"},
+        {"status": "done", "name": "n01440764_fish.png", "label": 7, "label_source": "csv"},
+        {"status": "failed", "input": "x.png", "reason": "corrupt"},
+    ]
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in lines))  # a BOM too
+    # Some names carry no WordNet id: the attack's record labels them all.
+    labels = resolve_labels(sorted(root.glob("*.png")), root)
+    assert (labels.indices, labels.source) == ([3, 7], "attack-manifest")
+    # Labels that came from clean predictions, even through a second attack, stay agreement.
+    lines[1]["label_source"] = "attack-manifest:clean-prediction"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert attack_manifest_labels(root)[1] == "attack-manifest:clean-prediction"
+    for bad, message in [
+        ("[1, 2]", "line 1: not a JSON object"),
+        ('{"status": "done", "name": 5, "label": 1}', "line 1: no output name"),
+        ('{"status": "done", "name": "a.png", "label": 1000}', "line 1: class index 1000"),
+        ("{not json", "line 1: not JSON"),
+        ('{"status": "done", "name": "a.png", "label": 1}\n'
+         '{"status": "done", "name": "a.png", "label": 2}', "line 2: a.png is labelled twice"),
+    ]:  # fmt: skip
+        manifest.write_text(bad + "\n")
+        with pytest.raises(LabelError, match=message):
+            attack_manifest_labels(root)
+
+
+def test_attack_refuses_a_purify_batch_output_folder(tmp_path, photo_dir):
+    out = tmp_path / "purified"
+    assert invoke("batch", photo_dir, "-m", "bitdepth", "-o", out, "-q").exit_code == 2
+    before = sorted(p.name for p in out.iterdir())
+    result = invoke("attack", photo_dir, "-o", out, *LITE0)
+    assert result.exit_code == 1 and "holds a purify-batch run (run.json)" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_experiment_on_an_attack_output_reports_agreement(tmp_path, photo_dir):
+    (photo_dir / "broken.jpg").unlink()
+    adv = tmp_path / "adv"
+    assert invoke("attack", photo_dir, "-o", adv, *LITE0, "--eps", "4").exit_code == 0
+    out = tmp_path / "exp"
+    result = invoke("experiment", "--data", adv, "-o", out, "--methods", "rescale", *LITE0)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["label_source"] == "attack-manifest:clean-prediction"
+    assert "the manifest of the attack" in (out / "report.md").read_text()

@@ -63,6 +63,7 @@ def attack_command(
         attack_folder,
         check_attack_inputs,
     )
+    from advpurify.evaluation.labels import is_pseudo_source
 
     config = AttackConfig(attack, eps, steps, step_size, random_start).resolved()
     format = check_attack_inputs(input, output, format, target)
@@ -85,7 +86,7 @@ def attack_command(
     )
     metric = (
         "agreement with clean prediction"
-        if summary["label_source"].endswith("clean-prediction")
+        if is_pseudo_source(summary["label_source"])
         else "accuracy"
     )
     print(
@@ -121,6 +122,7 @@ def eval_command(
 ) -> None:
     """Top-1/3/5 accuracy of a classifier on a folder of images."""
     from advpurify.evaluation.accuracy import check_eval_inputs, evaluate_folder
+    from advpurify.evaluation.labels import is_pseudo_source
 
     for path, option in ((json_path, "--json"), (csv_path, "--csv")):
         if path is not None:
@@ -138,9 +140,7 @@ def eval_command(
     m = result.metrics
     # Labels that are (or came from) the clean predictions measure agreement, not accuracy.
     metric = (
-        "agreement with clean prediction"
-        if result.label_source.endswith("clean-prediction")
-        else "accuracy"
+        "agreement with clean prediction" if is_pseudo_source(result.label_source) else "accuracy"
     )
     print(
         f"{result.n} images, {loaded.name}, {metric} (labels: {result.label_source}): "
@@ -180,6 +180,7 @@ def experiment_command(
     from advpurify.attacks import AttackConfig
     from advpurify.cli.settings import parse_method_params
     from advpurify.evaluation.experiment import ExperimentConfig, parse_methods, run_experiment
+    from advpurify.evaluation.labels import is_pseudo_source
     from advpurify.evaluation.report import markdown_table
 
     method_list = parse_methods(methods)
@@ -217,7 +218,7 @@ def experiment_command(
     _check_labels(labels)
     result = run_experiment(config, log=_err)
     report = result.report
-    if report["label_source"].endswith("clean-prediction"):
+    if is_pseudo_source(report["label_source"]):
         print("No labels: numbers are agreement with the clean prediction, not accuracy.")
     print(markdown_table(report))
     print(

@@ -42,6 +42,11 @@ def check_attack_inputs(source: Path, out: Path, fmt: str, target: str | None) -
         parse_label(target, "--target")
     list_images(Path(source))
     check_output_outside(source, out)
+    if (Path(out) / "run.json").exists():  # purify-batch's record of the settings of its outputs
+        raise AdvpurifyError(
+            f"output folder {out} holds a purify-batch run (run.json): adversarial images would "
+            "replace its outputs; choose another folder"
+        )
     return fmt
 
 

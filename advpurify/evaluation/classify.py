@@ -113,6 +113,8 @@ class Preprocess:
 
     def _exact(self, path: Path) -> torch.Tensor:
         image = load_image(path)[None]
+        if tuple(image.shape[-2:]) == (self.crop_size, self.crop_size):
+            return image[0]  # already a crop: used as is, as by the fast path and the classifier
         return resize_center_crop(image, self.resize_size, self.crop_size, self.interpolation)[0]
 
 

@@ -306,7 +306,7 @@ class Experiment:
             "methods": {m: p.config()["params"] for m, p in self.purifiers.items()},
             "label_source": self.resolved.source,
             "metric": (
-                "agreement with clean prediction" if self.resolved.is_pseudo else "accuracy"
+                "agreement with clean prediction" if self.resolved.is_agreement else "accuracy"
             ),
             "seed": config.seed,
             "adaptive": self.adaptive_info,

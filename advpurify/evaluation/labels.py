@@ -30,6 +30,11 @@ SOURCE_ATTACK = "attack-manifest"
 ATTACK_MANIFEST = "manifest.jsonl"
 
 
+def is_pseudo_source(source: str) -> bool:
+    """Labels that are, or came from, clean predictions: numbers are agreement, not accuracy."""
+    return source.endswith(SOURCE_CLEAN)
+
+
 class LabelError(AdvpurifyError, ValueError):
     """A label file that cannot be read, or a label outside the 1000 ImageNet classes."""
 
@@ -105,7 +110,13 @@ class Labels:
 
     @property
     def is_pseudo(self) -> bool:
+        """No labels: the caller fills in the clean predictions."""
         return self.source == SOURCE_CLEAN
+
+    @property
+    def is_agreement(self) -> bool:
+        """Numbers against these labels are agreement with clean predictions, not accuracy."""
+        return is_pseudo_source(self.source)
 
     def or_clean_predictions(self, clean_top1: Sequence[int]) -> list[int]:
         """The class indices; with no labels, the classifier's clean top-1 as pseudo-labels
@@ -135,11 +146,11 @@ def resolve_labels(
     missing = [path for path, index in zip(paths, found, strict=True) if index is None]
     if not missing:
         return Labels(found, SOURCE_PATH)
+    attacked = attack_manifest_labels(root) if attack_manifest else None
+    if attacked is not None:  # the attack's record covers the names without a WordNet id
+        table, source = attacked
+        return Labels(_from_table(paths, root, table, str(root / ATTACK_MANIFEST)), source)
     if len(missing) == len(paths):
-        attacked = attack_manifest_labels(root) if attack_manifest else None
-        if attacked is not None:
-            table, source = attacked
-            return Labels(_from_table(paths, root, table, str(root / ATTACK_MANIFEST)), source)
         return Labels([None] * len(paths), SOURCE_CLEAN)
     raise LabelError(
         f"{len(missing)} of {len(paths)} images have no WordNet id in their name or folder "
@@ -176,18 +187,32 @@ def attack_manifest_labels(root: Path) -> tuple[dict[str, int], str] | None:
     table: dict[str, int] = {}
     sources = set()
     try:
-        for line in manifest.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+        text = manifest.read_text(encoding="utf-8-sig", errors="surrogateescape")
+    except OSError as error:
+        raise LabelError(f"{manifest}: unreadable ({error.strerror or error})") from None
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        where = f"{manifest}, line {line_no}"
+        try:
             record = json.loads(line) if line.strip() else {}
-            if record.get("status") != "done" or "label" not in record:
-                continue
-            name = record.get("name") or Path(record["output"]).name
-            table[name] = parse_label(str(record["label"]), f"{manifest}: {name}")
-            sources.add(record.get("label_source"))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise LabelError(f"{manifest}: not a readable attack manifest ({error})") from None
+        except ValueError as error:
+            raise LabelError(f"{where}: not JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise LabelError(f"{where}: not a JSON object")
+        if record.get("status") != "done" or "label" not in record:
+            continue  # a failed image, or another command's record (purify-batch's has no label)
+        name = record.get("name")
+        if name is None and isinstance(record.get("output"), str):
+            name = Path(record["output"]).name  # a manifest from before names were recorded
+        if not isinstance(name, str) or not name:
+            raise LabelError(f'{where}: no output name ("name" or "output")')
+        label = parse_label(str(record["label"]), where)
+        if table.get(name, label) != label:
+            raise LabelError(f"{where}: {name} is labelled twice ({table[name]} and {label})")
+        table[name] = label
+        sources.add(str(record.get("label_source")))
     if not table:
         return None
-    clean = SOURCE_CLEAN in sources
+    clean = any(is_pseudo_source(source) for source in sources)
     return table, f"{SOURCE_ATTACK}:{SOURCE_CLEAN}" if clean else SOURCE_ATTACK
 
 

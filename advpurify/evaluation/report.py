@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from advpurify.evaluation.dataset import Dataset, to_float
+from advpurify.evaluation.labels import is_pseudo_source
 from advpurify.files import atomic_output, atomic_write_bytes
 from advpurify.models.imagenet import class_name
 
@@ -53,12 +54,15 @@ def markdown_table(report: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    pseudo = report["label_source"] == "clean-prediction"
+    pseudo = is_pseudo_source(report["label_source"])
     source = {
         "path": "WordNet ids in the file or folder names",
         "csv": "the labels file",
         "clean-prediction": "none given: the classifier's prediction on each clean image",
-    }[report["label_source"]]
+        "attack-manifest": "the manifest of the attack that wrote the images",
+        "attack-manifest:clean-prediction": "the manifest of the attack that wrote the images "
+        "(the classifier's predictions on the images it attacked)",
+    }.get(report["label_source"], report["label_source"])
     parts = [
         f"# advpurify experiment: {report['classifier']}, {report['attack_description']}, "
         f"{report['n']} images",
@@ -223,7 +227,7 @@ def accuracy_chart(path: Path, report: dict[str, Any]) -> None:
         )
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, rotation=40, ha="right", fontsize=7)
-    metric = "agreement (%)" if report["label_source"] == "clean-prediction" else "accuracy (%)"
+    metric = "agreement (%)" if is_pseudo_source(report["label_source"]) else "accuracy (%)"
     ax.set_ylabel(metric)
     ax.set_ylim(0, 100)
     ax.set_title(f"{report['classifier']}, {report['attack_description']}", fontsize=9, loc="left")
