@@ -530,3 +530,15 @@ def test_experiment_on_an_attack_output_reports_agreement(tmp_path, photo_dir):
     report = json.loads((out / "report.json").read_text())
     assert report["label_source"] == "attack-manifest:clean-prediction"
     assert "the manifest of the attack" in (out / "report.md").read_text()
+
+
+def test_a_second_attack_never_leaves_the_first_ones_outputs_beside_its_own(tmp_path, photo_dir):
+    (photo_dir / "broken.jpg").unlink()
+    out = tmp_path / "adv"
+    assert invoke("attack", photo_dir, "-o", out, *LITE0, "--eps", "2").exit_code == 0
+    # The same images again (new eps): each output is replaced, fine.
+    assert invoke("attack", photo_dir, "-o", out, *LITE0, "--eps", "4").exit_code == 0
+    before = sorted(p.name for p in out.iterdir())
+    result = invoke("attack", photo_dir, "-o", out, *LITE0, "--format", "webp")
+    assert result.exit_code == 1 and "holds another attack's outputs" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == before

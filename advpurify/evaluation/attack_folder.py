@@ -19,7 +19,7 @@ from advpurify.attacks import AttackConfig, attack
 from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk_predictions
 from advpurify.evaluation.dataset import list_images, load_dataset
-from advpurify.evaluation.labels import parse_label, resolve_labels
+from advpurify.evaluation.labels import attack_manifest_labels, parse_label, resolve_labels
 from advpurify.files import atomic_write_bytes, check_output_outside, mirror_names
 from advpurify.images import OUTPUT_FORMATS, decode_image, encode_image
 from advpurify.models.classifiers import LoadedClassifier
@@ -50,6 +50,18 @@ def check_attack_inputs(source: Path, out: Path, fmt: str, target: str | None) -
     return fmt
 
 
+def refuse_other_attacks_outputs(out: Path, names: list[str]) -> None:
+    """An earlier attack's outputs that this one would not replace would stay beside the new
+    ones, unlisted in the new manifest (and counted by ``eval``): refused before any work."""
+    earlier = attack_manifest_labels(out)
+    stale = sorted(set(earlier[0]) - set(names)) if earlier is not None else []
+    if stale:
+        raise AdvpurifyError(
+            f"output folder {out} holds another attack's outputs that this one would not "
+            f"replace ({len(stale)}, e.g. {stale[0]}): choose another folder, or remove them"
+        )
+
+
 def attack_folder(
     source: Path,
     out: Path,
@@ -72,6 +84,7 @@ def attack_folder(
         log(f"skipped {failure.path}: {failure.reason}")
     keys = data.keys()
     names = mirror_names(keys, OUTPUT_FORMATS[fmt])  # a clash is refused before any attack
+    refuse_other_attacks_outputs(Path(out), [name.as_posix() for name in names])
     clean_logits = classifier.logits(data.float_images(), batch_size=batch_size)
     check_num_classes(clean_logits, classifier.name)
     clean_preds = topk_predictions(clean_logits, 5)
