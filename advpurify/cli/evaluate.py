@@ -21,6 +21,10 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _images(count: int) -> str:
+    return f"{count} image" if count == 1 else f"{count} images"
+
+
 def _check_labels(labels: Path | None) -> None:
     """Read a labels file before the (slow) classifier loads, so its errors come first."""
     if labels is not None:
@@ -90,7 +94,7 @@ def attack_command(
         else "accuracy"
     )
     print(
-        f"{summary['n']} images attacked ({config.describe()}), {metric}: clean top-1 "
+        f"{_images(summary['n'])} attacked ({config.describe()}), {metric}: clean top-1 "
         f"{summary['clean']['top1']:.1%}, adversarial top-1 {summary['adversarial']['top1']:.1%}"
         + (
             f", target reached {summary['target_success']:.1%}"
@@ -143,7 +147,7 @@ def eval_command(
         "agreement with clean prediction" if is_pseudo_source(result.label_source) else "accuracy"
     )
     print(
-        f"{result.n} images, {loaded.name}, {metric} (labels: {result.label_source}): "
+        f"{_images(result.n)}, {loaded.name}, {metric} (labels: {result.label_source}): "
         f"top-1 {m['top1']:.1%}, top-3 {m['top3']:.1%}, top-5 {m['top5']:.1%}"
     )
     if result.failures:
