@@ -18,7 +18,7 @@ import torch
 from advpurify.attacks import AttackConfig, attack
 from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.accuracy import check_num_classes, topk_accuracy, topk_predictions
-from advpurify.evaluation.dataset import list_images, load_dataset
+from advpurify.evaluation.dataset import list_images, load_dataset, relative_key
 from advpurify.evaluation.labels import attack_manifest_labels, parse_label, resolve_labels
 from advpurify.files import atomic_write_bytes, check_output_outside, mirror_names
 from advpurify.images import OUTPUT_FORMATS, decode_image, encode_image
@@ -40,13 +40,15 @@ def check_attack_inputs(source: Path, out: Path, fmt: str, target: str | None) -
         raise AdvpurifyError(f"--format {fmt!r}: use one of {', '.join(OUTPUT_FORMATS)}")
     if target is not None:
         parse_label(target, "--target")
-    list_images(Path(source))
+    root, paths = list_images(Path(source))
     check_output_outside(source, out)
     if (Path(out) / "run.json").exists():  # purify-batch's record of the settings of its outputs
         raise AdvpurifyError(
             f"output folder {out} holds a purify-batch run (run.json): adversarial images would "
             "replace its outputs; choose another folder"
         )
+    names = mirror_names([relative_key(p, root) for p in paths], OUTPUT_FORMATS[fmt])
+    refuse_other_attacks_outputs(Path(out), [name.as_posix() for name in names])
     return fmt
 
 
@@ -84,7 +86,6 @@ def attack_folder(
         log(f"skipped {failure.path}: {failure.reason}")
     keys = data.keys()
     names = mirror_names(keys, OUTPUT_FORMATS[fmt])  # a clash is refused before any attack
-    refuse_other_attacks_outputs(Path(out), [name.as_posix() for name in names])
     clean_logits = classifier.logits(data.float_images(), batch_size=batch_size)
     check_num_classes(clean_logits, classifier.name)
     clean_preds = topk_predictions(clean_logits, 5)
