@@ -542,3 +542,45 @@ def test_a_second_attack_never_leaves_the_first_ones_outputs_beside_its_own(tmp_
     result = invoke("attack", photo_dir, "-o", out, *LITE0, "--format", "webp")
     assert result.exit_code == 1 and "holds another attack's outputs" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_attack_and_experiment_outputs_carry_their_inputs_colour_profile(tmp_path, photo_dir):
+    from PIL import Image, ImageCms
+
+    (photo_dir / "broken.jpg").unlink()
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    with Image.open(photo_dir / "coffee.png") as photo:
+        photo.save(photo_dir / "coffee.png", icc_profile=icc)
+
+    def profiles(folder: Path) -> dict[str, bytes | None]:
+        found = {}
+        for path in folder.glob("*.png"):
+            with Image.open(path) as image:
+                found[path.stem] = image.info.get("icc_profile")
+        return found
+
+    adv = tmp_path / "adv"
+    assert invoke("attack", photo_dir, "-o", adv, *LITE0, "--eps", "2").exit_code == 0
+    assert profiles(adv) == {"coffee": icc, "astronaut": None, "chelsea": None}
+    out = tmp_path / "exp"
+    args = ["--methods", "rescale", "--grid", "0", *LITE0]
+    assert invoke("experiment", "--data", photo_dir, "-o", out, *args).exit_code == 0
+    stages = sorted(out.rglob("images"))
+    assert stages  # the adversarial and the purified images
+    for images in stages:
+        assert profiles(images) == {"coffee": icc, "astronaut": None, "chelsea": None}
+
+
+def test_target_reached_leaves_out_images_already_predicted_as_the_target(tmp_path, photo_dir):
+    (photo_dir / "broken.jpg").unlink()
+    first = tmp_path / "first"
+    assert invoke("attack", photo_dir, "-o", first, *LITE0, "--eps", "1").exit_code == 0
+    records = [json.loads(line) for line in (first / "manifest.jsonl").read_text().splitlines()]
+    target = records[0]["clean_pred"]  # one image's class before any attack
+    already = sum(r["clean_pred"] == target for r in records)
+    assert already < 3  # the three photos are of different classes
+    result = invoke(
+        "attack", photo_dir, "-o", tmp_path / "t", *LITE0, "--eps", "1", "--target", target
+    )
+    assert result.exit_code == 0, result.output
+    assert f"of the {3 - already} images not already predicted as it" in result.stdout

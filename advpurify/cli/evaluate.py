@@ -25,6 +25,20 @@ def _images(count: int) -> str:
     return f"{count} image" if count == 1 else f"{count} images"
 
 
+def _target_reached(summary: dict) -> str:
+    if "already_target" not in summary:
+        return ""
+    already = summary["already_target"]
+    if "target_success" not in summary:
+        return ", every image was already predicted as the target"
+    if not already:
+        return f", target reached {summary['target_success']:.1%}"
+    return (
+        f", target reached {summary['target_success']:.1%} of the "
+        f"{_images(summary['n'] - already)} not already predicted as it"
+    )
+
+
 def _check_labels(labels: Path | None) -> None:
     """Read a labels file before the (slow) classifier loads, so its errors come first."""
     if labels is not None:
@@ -96,11 +110,7 @@ def attack_command(
     print(
         f"{_images(summary['n'])} attacked ({config.describe()}), {metric}: clean top-1 "
         f"{summary['clean']['top1']:.1%}, adversarial top-1 {summary['adversarial']['top1']:.1%}"
-        + (
-            f", target reached {summary['target_success']:.1%}"
-            if "target_success" in summary
-            else ""
-        )
+        + _target_reached(summary)
         + f"; written to {output} (manifest.jsonl)"
     )
     if summary["failed"]:

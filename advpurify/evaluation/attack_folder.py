@@ -110,7 +110,11 @@ def attack_folder(
         log(f"attacked {stop}/{len(keys)}")
     # What is reported is what was written: the images as their files decode (8-bit levels,
     # and for JPEG/WebP the codec's own changes), not the float tensors the attack made.
-    encoded = [encode_image(image, fmt) for image in torch.cat(adversarial)]
+    # Each output carries its input's colour profile, as purify-batch's do.
+    encoded = [
+        encode_image(image, fmt, profile=data.profile(i))
+        for i, image in enumerate(torch.cat(adversarial))
+    ]
     written = torch.stack([decode_image(data) for data in encoded])
     adv_preds = topk_predictions(classifier.logits(written, batch_size=batch_size), 5)
 
@@ -151,5 +155,10 @@ def attack_folder(
         "output": str(out),
     }
     if target is not None:
-        summary["target_success"] = float((adv_preds[:, 0] == goal).float().mean())
+        # Counted over the images not already predicted as the target before the attack.
+        moved = clean_preds[:, 0] != goal
+        summary["already_target"] = int((~moved).sum())
+        if moved.any():
+            reached = adv_preds[:, 0][moved] == goal[moved]
+            summary["target_success"] = float(reached.float().mean())
     return summary

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from advpurify.errors import AdvpurifyError
-from advpurify.images import IMAGE_EXTENSIONS, find_images, load_image
+from advpurify.images import IMAGE_EXTENSIONS, find_images, load_image_with_profile
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,11 @@ class Dataset:
     paths: list[Path]
     images: torch.Tensor  # N x 3 x S x S uint8
     failures: list[Failure] = field(default_factory=list)
+    profiles: list[bytes | None] = field(default_factory=list)
+    """Each image's RGB colour profile (None: none), for what is written from it to carry."""
+
+    def profile(self, index: int) -> bytes | None:
+        return self.profiles[index] if self.profiles else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -91,9 +96,9 @@ def load_dataset(
     if limit is not None:
         paths = paths[:limit]
 
-    def load(path: Path) -> torch.Tensor | Failure:
+    def load(path: Path) -> tuple[torch.Tensor, bytes | None] | Failure:
         try:
-            image = load_image(path)
+            image, profile = load_image_with_profile(path)
         except AdvpurifyError as error:
             reason = getattr(error, "reason", None) or str(error)
             return Failure(path, reason)
@@ -104,11 +109,11 @@ def load_dataset(
             return Failure(path, str(error))
         if tuple(prepared.shape[-2:]) != (size, size):
             return Failure(path, f"image too small to crop {size}x{size}")
-        return to_uint8(prepared)
+        return to_uint8(prepared), profile
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(load, paths))
-    kept = [(p, r) for p, r in zip(paths, results, strict=True) if isinstance(r, torch.Tensor)]
+    kept = [(p, r) for p, r in zip(paths, results, strict=True) if not isinstance(r, Failure)]
     failures = [r for r in results if isinstance(r, Failure)]
     if not kept:
         detail = (
@@ -118,6 +123,7 @@ def load_dataset(
     return Dataset(
         root=root,
         paths=[p for p, _ in kept],
-        images=torch.stack([r for _, r in kept]),
+        images=torch.stack([image for _, (image, _) in kept]),
         failures=failures,
+        profiles=[profile for _, (_, profile) in kept],
     )

@@ -327,7 +327,10 @@ class Experiment:
 
     # ------------------------------------------------------------------ helpers
     def _stage(self, folder: Path, **key: Any) -> Stage:
-        return Stage(folder, {**self.base_key, **key}, self.config.overwrite, self.sources)
+        profiles = {key: self.data.profile(i) for i, key in enumerate(self.keys)}
+        return Stage(
+            folder, {**self.base_key, **key}, self.config.overwrite, self.sources, profiles
+        )
 
     def _add_row(self, name: str, row: Row, predictions: torch.Tensor) -> None:
         row.metrics = topk_accuracy(predictions, self.labels)

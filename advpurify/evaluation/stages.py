@@ -40,11 +40,14 @@ class Stage:
         config: dict[str, Any],
         overwrite: bool = False,
         sources: Mapping[str, str] | None = None,
+        profiles: Mapping[str, bytes | None] | None = None,
     ) -> None:
         """``sources``: per image key, a fingerprint of what its output is made from (the
         input file's digest and its label); an output stored for another fingerprint is
-        made again (the file at that path was replaced, or relabelled)."""
+        made again (the file at that path was replaced, or relabelled). ``profiles``: per
+        image key, the input's colour profile, embedded in its PNG."""
         self.sources = dict(sources) if sources is not None else None
+        self.profiles = dict(profiles) if profiles is not None else {}
         self.folder = Path(folder)
         self.config = json.loads(_dump(config))  # normalised: what a reload gives back
         config_path = self.folder / "config.json"
@@ -111,7 +114,8 @@ class Stage:
             seconds = time.perf_counter() - began
             result = to_uint8(result.detach().cpu())
             for index, image in zip(chunk, result, strict=True):
-                save_image(to_float(image), paths[index], fmt="png")
+                profile = self.profiles.get(keys[index])
+                save_image(to_float(image), paths[index], fmt="png", profile=profile)
                 outputs[index] = image
             if self.sources is not None:  # after the images: a crash between redoes them
                 made_from.update({keys[i]: self.sources.get(keys[i]) for i in chunk})
