@@ -584,3 +584,32 @@ def test_target_reached_leaves_out_images_already_predicted_as_the_target(tmp_pa
     )
     assert result.exit_code == 0, result.output
     assert f"of the {3 - already} images not already predicted as it" in result.stdout
+
+
+def test_eval_follows_the_attack_labels_through_a_purify_batch_copy(
+    tmp_path, photo_dir, monkeypatch
+):
+    (photo_dir / "broken.jpg").unlink()
+    sub = photo_dir / "sub"
+    sub.mkdir()
+    (photo_dir / "chelsea.png").rename(sub / "chelsea.png")
+    monkeypatch.chdir(tmp_path)  # the paths the manifests record are relative to here
+    assert invoke("attack", "photos", "-o", "adv", *LITE0, "--eps", "2").exit_code == 0
+    assert invoke("batch", "adv", "-m", "bitdepth", "-o", "purified", "-q").exit_code == 0
+    # Both folders moved together, eval run from elsewhere: still found.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("adv", "purified"):
+        (tmp_path / name).rename(moved / name)
+    monkeypatch.chdir(photo_dir)
+    summary = tmp_path / "eval.json"
+    result = invoke("eval", moved / "purified", *LITE0, "--json", summary)
+    assert result.exit_code == 0, result.output
+    assert json.loads(summary.read_text())["label_source"] == "attack-manifest:clean-prediction"
+
+    # An output whose input is no longer in the attack's manifest: said, not guessed.
+    records = (moved / "adv" / "manifest.jsonl").read_text().splitlines()
+    kept = [line for line in records if "chelsea" not in line]
+    (moved / "adv" / "manifest.jsonl").write_text("\n".join(kept) + "\n")
+    result = invoke("eval", moved / "purified", *LITE0)
+    assert result.exit_code == 1 and "no label for sub/chelsea.png" in result.stderr

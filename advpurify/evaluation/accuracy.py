@@ -18,6 +18,7 @@ from advpurify.evaluation.labels import (
     LabelError,
     attack_manifest_labels,
     label_from_path,
+    purified_copy_labels,
     resolve_labels,
 )
 from advpurify.files import atomic_output, atomic_write_bytes
@@ -130,14 +131,16 @@ def check_eval_inputs(
     root: Path, labels_csv: Path | None = None, reference: Path | None = None
 ) -> tuple[Path, list[Path]]:
     """What can be checked before a classifier loads: images to evaluate, labels for them
-    somewhere (the CSV, the paths, an attack's manifest or a reference folder). Returns
+    somewhere (the CSV, the paths, an attack's manifest, directly or through a purify-batch
+    run's, or a reference folder). Returns
     ``list_images(root)``."""
     root, paths = list_images(Path(root))
     if reference is not None and not Path(reference).exists():
         raise LabelError(f"--reference {reference}: no such file or folder")
     if labels_csv is None and reference is None:
         if all(label_from_path(path, root) is None for path in paths):
-            if attack_manifest_labels(root) is None:
+            followed = attack_manifest_labels(root) or purified_copy_labels(paths, root)
+            if followed is None:
                 raise LabelError(_NO_LABELS.format(root=root))
     return root, paths
 

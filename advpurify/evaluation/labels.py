@@ -8,6 +8,9 @@
 - The ``manifest.jsonl`` that ``advpurify attack`` wrote beside its outputs: the label each
   adversarial image was attacked away from (``attack-manifest``; where the attack itself had
   no labels, those are the clean predictions: ``attack-manifest:clean-prediction``).
+- For a ``purify-batch`` output folder of an attack's outputs: the label of the image each
+  output was made from (its ``manifest.jsonl`` maps inputs to outputs), from the attack's
+  manifest, so ``attack`` -> ``purify-batch`` -> ``eval`` keeps the attack's labels.
 - None of these: the caller uses the classifier's clean prediction as a pseudo-label and
   reports "agreement with clean prediction" rather than accuracy.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,7 @@ SOURCE_CSV = "csv"
 SOURCE_CLEAN = "clean-prediction"
 SOURCE_ATTACK = "attack-manifest"
 ATTACK_MANIFEST = "manifest.jsonl"
+BATCH_RUN_FILE = "run.json"  # purify-batch's settings file: its manifest maps inputs to outputs
 
 
 def is_pseudo_source(source: str) -> bool:
@@ -150,6 +155,9 @@ def resolve_labels(
     if attacked is not None:  # the attack's record covers the names without a WordNet id
         table, source = attacked
         return Labels(_from_table(paths, root, table, str(root / ATTACK_MANIFEST)), source)
+    followed = purified_copy_labels(paths, root) if attack_manifest else None
+    if followed is not None:
+        return followed
     if len(missing) == len(paths):
         return Labels([None] * len(paths), SOURCE_CLEAN)
     raise LabelError(
@@ -214,6 +222,79 @@ def attack_manifest_labels(root: Path) -> tuple[dict[str, int], str] | None:
         return None
     clean = any(is_pseudo_source(source) for source in sources)
     return table, f"{SOURCE_ATTACK}:{SOURCE_CLEAN}" if clean else SOURCE_ATTACK
+
+
+def purified_copy_labels(paths: Sequence[Path], root: Path) -> Labels | None:
+    """Labels for the outputs of a ``purify-batch`` run in ``root``: each output's input, as
+    its ``manifest.jsonl`` records it, labelled by the attack manifest in the batch's input
+    folder. None where ``root`` is no such run, or its inputs are no attack's outputs."""
+    manifest = Path(root) / ATTACK_MANIFEST
+    if not (Path(root) / BATCH_RUN_FILE).is_file() or not manifest.is_file():
+        return None
+    inputs: dict[tuple[str, ...], list[tuple[Path, Path]]] = {}  # output path suffix -> records
+    try:
+        lines = manifest.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    except OSError as error:
+        raise LabelError(f"{manifest}: unreadable ({error.strerror or error})") from None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # the batch's own resume reads and reports its manifest
+        output, source = record.get("output"), record.get("input")
+        if record.get("status") not in ("done", "skipped") or not output or not source:
+            continue
+        parts = Path(output).parts
+        for depth in range(1, len(parts) + 1):
+            inputs.setdefault(parts[-depth:], []).append((Path(output), Path(source)))
+    found: list[tuple[int, str] | None] = []
+    attacks: dict[Path, tuple[dict[str, int], str] | None] = {}  # each folder's read once
+    for path in paths:
+        rel = Path(_relative(path, root))
+        records = inputs.get(rel.parts, [])
+        found.append(
+            _input_label(*records[0], rel, Path(root), attacks) if len(records) == 1 else None
+        )
+    known = [entry for entry in found if entry is not None]
+    if not known:
+        return None
+    if len(known) < len(found):
+        missing = paths[found.index(None)]
+        raise LabelError(
+            f"{manifest}: no label for {_relative(missing, root)} from the images it was "
+            "purified from; give --labels FILE.csv or --reference"
+        )
+    clean = any(is_pseudo_source(source) for _, source in known)
+    return Labels(
+        [index for index, _ in known], f"{SOURCE_ATTACK}:{SOURCE_CLEAN}" if clean else SOURCE_ATTACK
+    )
+
+
+def _input_label(
+    output: Path,
+    source: Path,
+    rel: Path,
+    root: Path,
+    attacks: dict[Path, tuple[dict[str, int], str] | None],
+) -> tuple[int, str] | None:
+    """The label of the image ``source`` that purify-batch turned into ``root / rel``
+    (``output`` as its manifest wrote it), from the attack manifest in the batch's input
+    folder, and that manifest's label source."""
+    depth = len(rel.parts)
+    if len(source.parts) < depth:
+        return None
+    # The batch's input folder, found from this output folder as it is now (both may have
+    # been given relative to another working folder, or moved together), else as written.
+    recorded_root, input_root = output.parents[depth - 1], source.parents[depth - 1]
+    for candidate in (root / os.path.relpath(input_root, recorded_root), input_root):
+        if candidate not in attacks:
+            attacks[candidate] = attack_manifest_labels(candidate) if candidate.is_dir() else None
+        attacked = attacks[candidate]
+        if attacked is not None:
+            table, attack_source = attacked
+            index = table.get(source.relative_to(input_root).as_posix())
+            return None if index is None else (index, attack_source)
+    return None
 
 
 def _relative(path: Path, root: Path) -> str:
