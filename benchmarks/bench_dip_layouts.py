@@ -1,10 +1,11 @@
-"""A DIP network in the channels-last layout built from torch ops, against the shipped one.
+"""A DIP network in the channels-last layout, from torch ops or native kernels, against the
+shipped one.
 
-    ADVPURIFY_HEAP=large-pages .venv/bin/python benchmarks/bench_dip_layouts.py [--rounds 5]
+    ADVPURIFY_HEAP=large-pages .venv/bin/python benchmarks/bench_dip_layouts.py --native
 
-Issue 15's last lever measured without custom kernels: one `fast` network's forward + backward
-at 224 x 224, batch 1, with every tensor channels-last except where NCHW is faster, and the
-layout changes folded into copies that are made anyway:
+Issue 15's last levers: one `fast` network's forward + backward at 224 x 224, batch 1, with
+every tensor channels-last except where NCHW is faster, and the layout changes folded into
+copies that are made anyway:
 
 - 3x3 convolutions on channels-last inputs (oneDNN's NHWC kernels: 2x faster at 20 channels);
 - reflection padding by one written into a preallocated channels-last tensor with five slice
@@ -14,11 +15,15 @@ layout changes folded into copies that are made anyway:
   per channel, so that is the same computation) and written straight into the padded
   convolution input, with no `torch.cat`; the 4-channel skip part stays NCHW, where torch's
   BatchNorm is 3x faster than channels-last at 4 channels;
-- 1x1 convolutions as matrix products on the `(H*W) x C` view.
+- 1x1 convolutions as matrix products on the `(H*W) x C` view;
+- with `--native`, also with BatchNorm + LeakyReLU and the padding and concatenation in C
+  kernels (`native/skipnet_nhwc.c`, built with the system compiler by `native_kernels.py`):
+  two passes over the activations each way for BatchNorm, one for the padding, every tensor
+  channels-last.
 
-It rounds differently from the shipped network (convolution sums in another order), so it could
-only ship after `benchmarks/dip_accuracy.py` on all 100 sample images. Prints the output and
-gradient differences, then the two timings in interleaved rounds (medians) and their ratio.
+Each variant rounds differently from the shipped network (convolution sums in another order),
+so it could only ship after `benchmarks/dip_accuracy.py` on all 100 sample images. Prints the
+output and gradient differences, then the timings in interleaved rounds (medians) and their ratios.
 Figures: docs/performance.md ("Fourth look").
 """
 
@@ -28,6 +33,7 @@ import argparse
 import statistics
 import time
 
+import native_kernels
 import torch
 import torch.nn.functional as F
 
@@ -99,40 +105,61 @@ def conv1x1(
     return out.reshape(1, cout, h, w)
 
 
-def batch_norm(x, bn, act: bool = True, channels: slice = slice(None)) -> torch.Tensor:
-    y = F.batch_norm(
-        x, None, None, bn.weight[0, channels], bn.bias[0, channels], training=True, eps=1e-5
-    )
-    return F.leaky_relu(y, 0.2, inplace=True) if act else y
+class TorchOps:
+    """The channels-last network's BatchNorm and padding from torch ops."""
+
+    name = "channels-last"
+    skip_nchw = True  # torch's BatchNorm is 3x slower channels-last at 4 channels
+    pad = ReflectPadConcat.apply
+
+    @staticmethod
+    def bn(x, bn, act: bool = True, channels: slice = slice(None)) -> torch.Tensor:
+        weight, bias = bn.weight[0, channels], bn.bias[0, channels]
+        y = F.batch_norm(x, None, None, weight, bias, training=True, eps=1e-5)
+        return F.leaky_relu(y, 0.2, inplace=True) if act else y
 
 
-def nhwc_scale(scale: _Scale, x: torch.Tensor) -> torch.Tensor:
-    deep = F.conv2d(ReflectPadConcat.apply(x), scale.down[0].weight[0], stride=2)
-    deep = batch_norm(deep, scale.down[1])
-    deep = batch_norm(
-        F.conv2d(ReflectPadConcat.apply(deep), scale.down2[0].weight[0]), scale.down2[1]
-    )
+class NativeOps:
+    """The same with native kernels (``native_kernels.py``): BatchNorm + LeakyReLU in two
+    passes each way, padding and concatenation in one; every tensor channels-last."""
+
+    name = "channels-last, native kernels"
+    skip_nchw = False
+
+    @staticmethod
+    def pad(*parts: torch.Tensor) -> torch.Tensor:
+        return native_kernels.ReflectPadConcat.apply(*parts)
+
+    @staticmethod
+    def bn(x, bn, act: bool = True, channels: slice = slice(None)) -> torch.Tensor:
+        weight, bias = bn.weight[0, channels], bn.bias[0, channels]
+        return native_kernels.BatchNormAct.apply(x, weight, bias, 0.2 if act else 1.0)
+
+
+def nhwc_scale(scale: _Scale, x: torch.Tensor, ops=TorchOps) -> torch.Tensor:
+    deep = ops.bn(F.conv2d(ops.pad(x), scale.down[0].weight[0], stride=2), scale.down[1])
+    deep = ops.bn(F.conv2d(ops.pad(deep), scale.down2[0].weight[0]), scale.down2[1])
     if scale.inner is not None:
-        deep = nhwc_scale(scale.inner, deep)
+        deep = nhwc_scale(scale.inner, deep, ops)
     deep = F.interpolate(deep, scale_factor=2.0, mode="bilinear", align_corners=False)
     k = scale.skip_channels
     if scale.skip is None:
-        parts = [batch_norm(deep, scale.merge_bn, act=False)]
+        parts = [ops.bn(deep, scale.merge_bn, act=False)]
     else:
-        skip = batch_norm(
-            conv1x1(x, scale.skip[0].weight[0].flatten(1), nhwc_out=False), scale.skip[1]
-        )
+        weight = scale.skip[0].weight[0].flatten(1)
+        skip = ops.bn(conv1x1(x, weight, nhwc_out=not ops.skip_nchw), scale.skip[1])
         parts = [
-            batch_norm(skip, scale.merge_bn, act=False, channels=slice(0, k)),
-            batch_norm(deep, scale.merge_bn, act=False, channels=slice(k, None)),
+            ops.bn(skip, scale.merge_bn, act=False, channels=slice(0, k)),
+            ops.bn(deep, scale.merge_bn, act=False, channels=slice(k, None)),
         ]
-    up = batch_norm(F.conv2d(ReflectPadConcat.apply(*parts), scale.up[0].weight[0]), scale.up[1])
-    return batch_norm(conv1x1(up, scale.up1x1[0].weight[0].flatten(1)), scale.up1x1[1])
+    up = ops.bn(F.conv2d(ops.pad(*parts), scale.up[0].weight[0]), scale.up[1])
+    return ops.bn(conv1x1(up, scale.up1x1[0].weight[0].flatten(1)), scale.up1x1[1])
 
 
-def nhwc_forward(net: SkipNet, z: torch.Tensor) -> torch.Tensor:
+def nhwc_forward(net: SkipNet, z: torch.Tensor, ops=TorchOps) -> torch.Tensor:
     """What ``net`` (one network) computes for a channels-last ``z``, up to rounding."""
-    out = conv1x1(nhwc_scale(net.body, z), net.head.weight[0].flatten(1), net.head.bias[0], False)
+    features = nhwc_scale(net.body, z, ops)
+    out = conv1x1(features, net.head.weight[0].flatten(1), net.head.bias[0], nhwc_out=False)
     return torch.sigmoid(out)
 
 
@@ -142,11 +169,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="forward + backward per round")
+    parser.add_argument("--native", action="store_true", help="also with the native kernels")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = DipSettings.from_preset("fast")
     print(f"torch {torch.__version__}, {args.threads} threads, heap tuned: {heap.enabled()}")
     heap.reserve(_step_bytes(1, args.size, args.size, settings))
+    variants = [TorchOps]
+    if args.native:
+        try:
+            native_kernels.kernels()
+            variants.append(NativeOps)
+        except RuntimeError as error:
+            print(f"native kernels skipped: {error}")
 
     net = SkipNet(settings.skip_config(), 1, seeds=[0])
     params = list(net.parameters())
@@ -159,39 +194,37 @@ def main() -> None:
         loss = (forward(net_input) - target).square().mean()
         return torch.autograd.grad(loss, params)
 
-    def shipped():
-        return step(net, z)
+    runs = {"shipped (NCHW)": lambda: step(net, z)}
+    for ops in variants:
+        runs[ops.name] = lambda ops=ops: step(lambda x: nhwc_forward(net, x, ops), z_nhwc)
+        with torch.no_grad():
+            diff = (net(z) - nhwc_forward(net, z_nhwc, ops)).abs().max().item()
+        pairs = zip(net.named_parameters(), step(net, z), runs[ops.name](), strict=True)
+        relative = [
+            ((a - b).norm() / a.norm()).item()
+            for (name, _), a, b in pairs
+            if "weight" in name and ".0." in name  # the convolutions (a BN bias before a
+            # conv + BN has a true gradient of zero: its "gradient" is rounding noise)
+        ]
+        print(
+            f"{ops.name}: output max abs difference {diff:.2e}; convolution weight gradients "
+            f"differ by {statistics.median(relative):.1e} (median) to {max(relative):.1e} "
+            "(max), relative"
+        )
 
-    def nhwc():
-        return step(lambda x: nhwc_forward(net, x), z_nhwc)
-
-    with torch.no_grad():
-        diff = (net(z) - nhwc_forward(net, z_nhwc)).abs().max().item()
-    relative = [
-        ((a - b).norm() / a.norm()).item()
-        for (name, _), a, b in zip(net.named_parameters(), shipped(), nhwc(), strict=True)
-        if "weight" in name and ".0." in name  # the convolutions (BN biases before a conv+BN
-        # have a true gradient of zero: their "gradients" are rounding noise)
-    ]
-    print(
-        f"output max abs difference {diff:.2e}; convolution weight gradients differ by "
-        f"{statistics.median(relative):.1e} (median) to {max(relative):.1e} (max), relative"
-    )
-
-    times: dict[str, list[float]] = {"shipped (NCHW)": [], "channels-last": []}
-    for run in (shipped, nhwc):
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
         run()  # warm-up
     for _ in range(args.rounds):
-        for name, run in zip(times, (shipped, nhwc), strict=True):
+        for name, run in runs.items():
             began = time.perf_counter()
             for _ in range(args.steps):
                 run()
             times[name].append((time.perf_counter() - began) / args.steps * 1e3)
     medians = {name: statistics.median(values) for name, values in times.items()}
+    shipped = medians["shipped (NCHW)"]
     for name, value in medians.items():
-        print(f"{name:16s} {value:6.1f} ms per forward + backward")
-    ratio = medians["shipped (NCHW)"] / medians["channels-last"]
-    print(f"channels-last vs shipped: {ratio:.2f}x")
+        print(f"{name:30s} {value:6.1f} ms per forward + backward, {shipped / value:.2f}x")
 
 
 if __name__ == "__main__":
