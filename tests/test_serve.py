@@ -405,6 +405,33 @@ def test_an_image_too_elongated_to_classify_is_refused_alone_before_batching():
     assert answer["status"] == 413 and "too elongated" in answer["error"]
 
 
+def test_an_image_that_fails_fails_alone_in_its_batch(monkeypatch):
+    import asyncio
+
+    import advpurify.serve.deployments as deployments
+    from advpurify.serve.deployments import BatchStats, PurifierDeployment
+
+    deployment = PurifierDeployment.func_or_class.__new__(PurifierDeployment.func_or_class)
+    deployment.stats = BatchStats()
+    median = create_purifier("median")
+    real = deployments.purify
+
+    def purify(purifier, images, seeds):  # a bug that hits one image size only
+        if images.shape[-1] == 9:
+            raise RuntimeError("a bug")
+        return real(purifier, images, seeds)
+
+    batch = PurifierDeployment.func_or_class._purify_batch.__wrapped__  # one batch, no Ray
+    monkeypatch.setitem(batch.__globals__, "purify", purify)  # Ray keeps its own globals
+    sizes = [(1, 1), (8, 8), (9, 9), (8, 8)]  # too small for the window, fine, a bug, fine
+    items = [(median, torch.rand(3, *size), 0) for size in sizes]
+    small, good, buggy, good_again = asyncio.run(batch(deployment, items))
+    assert isinstance(small, RequestError) and small.status == 422
+    assert "too small" in str(small)
+    assert isinstance(buggy, RequestError) and buggy.status == 500
+    assert good.shape == good_again.shape == (3, 8, 8)
+
+
 def test_the_servers_pixel_limit_is_the_decoders(monkeypatch):
     import advpurify.serve.protocol as protocol
 

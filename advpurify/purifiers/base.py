@@ -32,6 +32,10 @@ class ParamError(AdvpurifyError, ValueError):
     """An unknown method, an unknown setting or a value out of range."""
 
 
+class ImageError(AdvpurifyError, ValueError):
+    """An image this purifier cannot take with its settings (e.g. smaller than its window)."""
+
+
 def setting(
     default: Any,
     help: str = "",

@@ -14,7 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advpurify.purifiers.base import ParamError, Purifier, Settings, generators, register, setting
+from advpurify.purifiers.base import (
+    ImageError,
+    ParamError,
+    Purifier,
+    Settings,
+    generators,
+    register,
+    setting,
+)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area")
 
@@ -166,7 +174,7 @@ class Median(Purifier):
         k = self.settings.kernel
         height, width = images.shape[-2:]
         if min(height, width) <= k // 2:  # reflection needs more pixels than the window reaches
-            raise ValueError(
+            raise ImageError(
                 f"median kernel {k}: a {width} x {height} image is too small "
                 f"(needs at least {k // 2 + 1} pixels per side)"
             )

@@ -11,6 +11,7 @@ This module imports Ray at the top: it is imported only when a server starts (``
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -39,6 +40,8 @@ from advpurify.serve.protocol import (
     top5,
 )
 from advpurify.serve.stage import classifier_for, logits, purifier_for, purify
+
+logger = logging.getLogger("ray.serve")  # a replica's log
 
 api = FastAPI(title="advpurify", description="Purify images, then classify them.")
 
@@ -182,6 +185,11 @@ class PurifierDeployment:
             except AdvpurifyError as error:
                 for i in indices:
                     results[i] = RequestError(422, str(error))
+                continue
+            except Exception:  # noqa: BLE001 - a bug fails these requests, never their batch-mates
+                logger.exception("purifying %d image(s) of %s failed", len(indices), images.shape)
+                for i in indices:
+                    results[i] = RequestError(500, "internal error while purifying this image")
                 continue
             for i, image in zip(indices, out, strict=True):
                 results[i] = image

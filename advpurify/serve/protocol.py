@@ -34,7 +34,8 @@ SEED_MAX = 0x7FFFFFFF
 
 
 class RequestError(Exception):
-    """A bad request: ``status`` (4xx) and a one-line ``reason``."""
+    """A request answered with an error: ``status`` (4xx; 500 where this server failed on it)
+    and a one-line ``reason``."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
