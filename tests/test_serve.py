@@ -189,6 +189,37 @@ def test_config_checked_before_ray_starts():
         ServeConfig("rescale", max_batch=0).checked()
 
 
+def test_what_would_fail_in_a_replica_fails_before_ray_starts(tmp_path, monkeypatch):
+    from advpurify.serve.app import preflight
+
+    monkeypatch.setenv("ADVPURIFY_HOME", str(tmp_path / "empty-cache"))
+    cases = {
+        "unknown classifier 'nosuch'": dict(classifier="nosuch"),
+        "unknown backend 'bogus'": dict(classifier="efficientnet-lite0", backend="bogus"),
+        "--weights missing.pt: no such file": dict(
+            classifier="efficientnet-lite0", weights="missing.pt"
+        ),
+        "weights deepsim-fc6 not found": dict(method="ppgn"),
+        "--host 999.1.1.1: not an address": dict(host="999.1.1.1"),
+    }
+    for message, values in cases.items():
+        config = ServeConfig(**{"method": "rescale", **values}).checked()
+        with pytest.raises(AdvpurifyError, match=message):
+            preflight(config)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(AdvpurifyError, match=f"--port {port} on 127.0.0.1: cannot listen"):
+            preflight(ServeConfig("rescale", port=port, metrics_port=None))
+    from typer.testing import CliRunner
+
+    from advpurify.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "-m", "rescale", "--max-body-mb", "nan"])
+    assert result.exit_code == 1 and "--max-body-mb nan: must be a finite number" in result.output
+
+
 # ------------------------------------------------------------------ a real local Ray Serve
 
 

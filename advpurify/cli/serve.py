@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from advpurify import checks
 from advpurify.cli.settings import parse_params
 from advpurify.serve.app import require_ray, serve_forever
 from advpurify.serve.config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PIXELS, ServeConfig
@@ -35,6 +36,7 @@ def serve_command(
 ) -> None:
     """Serve purification (and classification) over HTTP on Ray Serve, batching requests."""
     require_ray()  # before anything else: one line naming the extra
+    checks.positive("--max-body-mb", max_body_mb)
     config = ServeConfig(
         method=method,
         params=parse_params(method, param),

@@ -6,16 +6,21 @@ import contextlib
 import importlib.util
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from advpurify.devices import resolve_device
 from advpurify.errors import AdvpurifyError
+from advpurify.models.classifiers import classifier_spec
+from advpurify.runtime.installed import BackendError, canonical, unavailable_reason
 from advpurify.serve.config import ServeConfig
+from advpurify.serve.stage import purifier_for
 
 APP_NAME = "advpurify"
 RAY_EXTRA = "pip install 'advpurify[ray]'"
@@ -35,6 +40,42 @@ def actor_options(config: ServeConfig, deployments: int) -> dict[str, Any]:
         total = config.replicas * deployments
         options["num_gpus"] = min(1.0, torch.cuda.device_count() / total)
     return options
+
+
+def preflight(config: ServeConfig, check_address: bool = True) -> None:
+    """What would otherwise fail inside a replica, after Ray has started, as a traceback: the
+    device, the purifier with its weights, the classifier's name, backend and weights file,
+    and the address to listen on. One-line errors, in about a second."""
+    resolve_device(config.device)
+    purifier_for(config.method, config.params, config.device)  # loads weights: missing ones fail
+    if config.classifier:
+        classifier_spec(config.classifier)
+        backend = canonical(config.backend, resolve_device(config.device))
+        reason = unavailable_reason(backend)
+        if reason is not None:
+            raise BackendError(f"--backend {backend}: {reason}")
+        if config.weights not in (None, "random") and not Path(config.weights).is_file():
+            raise AdvpurifyError(f"--weights {config.weights}: no such file")
+    if not check_address:
+        return
+    _check_address("--port", config.host, config.port)
+    if config.metrics_port is not None:
+        _check_address("--metrics-port", config.host, config.metrics_port)
+
+
+def _check_address(option: str, host: str, port: int) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        raise AdvpurifyError(f"--host {host}: not an address here ({error})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            reason = error.strerror or str(error)
+            raise AdvpurifyError(f"{option} {port} on {host}: cannot listen ({reason})") from None
 
 
 def build_application(config: ServeConfig):
@@ -60,6 +101,9 @@ def start(config: ServeConfig, *, start_ray: bool = True) -> str:
     require_ray()
     config = config.checked()
     import ray
+
+    # A Ray already running may already serve HTTP on the port: its address is its own.
+    preflight(config, check_address=not ray.is_initialized())
     from ray import serve
 
     if not ray.is_initialized():
