@@ -160,11 +160,15 @@ def _export_checked(
         )
         try:
             check_model(onnx_path)
-            parity = compare_with_torch(reference, onnx_path, **checks)
+            # Failures name the output asked for, not this scratch file.
+            subject = str(output) if not engine_target else f"{output} (its ONNX graph)"
+            parity = compare_with_torch(reference, onnx_path, subject=subject, **checks)
             # fp16 arithmetic differs by provider (ORT CPU casts around fp16 nodes): check the
             # file on each GPU provider present too, the ones that will run it.
             on_gpu = tuple(
-                compare_with_torch(reference, onnx_path, provider=provider, **checks)
+                compare_with_torch(
+                    reference, onnx_path, provider=provider, subject=subject, **checks
+                )
                 for provider in ("ort-cuda",)
                 if fp16 and not engine_target and unavailable_reason(provider) is None
             )
@@ -179,7 +183,7 @@ def _export_checked(
         notify(f"building the TensorRT engine ({'fp16' if fp16 else 'fp32'}, strongly typed)")
         engine = Path(scratch) / output.name
         build_engine(onnx_path, engine, max_batch=batch or 128, opt_batch=batch or 16)
-        engine_parity = check_engine(reference, engine, **checks)
+        engine_parity = check_engine(reference, engine, subject=str(output), **checks)
         _move_into_place(engine, output)
         elapsed = time.perf_counter() - started
         return ExportResult(output, parity, exporter, elapsed, engine_parity=engine_parity)
@@ -209,8 +213,10 @@ def check_engine(
     fp16: bool,
     fixed_batch: int | None,
     source: str,
+    subject: str | None = None,
 ) -> ParityReport:
-    """The TensorRT engine against torch with the one parity rule; raises ExportError."""
+    """The TensorRT engine against torch with the one parity rule; raises ExportError naming
+    ``subject`` (default: the engine file)."""
     runner = EngineRunner(engine, torch.device("cuda", torch.cuda.current_device())).activate()
     try:
         report = compare(
@@ -225,7 +231,7 @@ def check_engine(
         )
     finally:
         runner.deactivate()
-    return report.check(str(engine), ExportError)
+    return report.check(str(engine) if subject is None else subject, ExportError)
 
 
 def export_model(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def export_onnx(
     with atomic_output(path) as tmp:
         exporter = _export_to(module, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
         written = file_opset(tmp)
-        if written != min(opset, 20) and written != opset:
+        if written != opset:
             # torch.export writes its own opset when it cannot convert to the one asked for.
             raise ExportError(f"opset {opset}: the exporter wrote opset {written} instead")
         _add_metadata(tmp, {"advpurify.exporter": exporter, **(metadata or {})})
@@ -81,6 +82,7 @@ def export_onnx(
 
 
 MIN_OPSET = 18  # torch.export's exporter writes 18 and above
+LEGACY_MAX_OPSET = 20  # the TorchScript exporter's highest
 
 
 def check_opset(opset: int) -> None:
@@ -100,6 +102,17 @@ def file_opset(path: Path | str) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _export_to(
     module: nn.Module, example: torch.Tensor, path: Path, *, opset: int, dynamic_batch: bool
 ) -> str:
@@ -109,7 +122,11 @@ def _export_to(
             kwargs = {}
             if dynamic_batch:
                 kwargs["dynamic_shapes"] = ({0: torch.export.Dim.DYNAMIC},)
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            with (
+                warnings.catch_warnings(),
+                contextlib.redirect_stdout(io.StringIO()),
+                _quiet("onnxscript"),  # its version converter's notes; errors still raise
+            ):
                 warnings.simplefilter("ignore")
                 torch.onnx.export(
                     module,
@@ -126,6 +143,11 @@ def _export_to(
             return f"torch.export (torch {torch.__version__})"
         except Exception as error:  # the legacy exporter traces more Python than torch.export
             errors.append(f"torch.export: {first_line(error)}")
+        if opset > LEGACY_MAX_OPSET:  # the fallback would write another opset than asked for
+            raise ExportError(
+                f"opset {opset}: {errors[0]}; the TorchScript exporter stops at opset "
+                f"{LEGACY_MAX_OPSET}: use --opset {LEGACY_MAX_OPSET} or lower"
+            )
         try:
             axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
             with warnings.catch_warnings():
@@ -135,14 +157,12 @@ def _export_to(
                     (example,),
                     str(path),
                     dynamo=False,
-                    opset_version=min(opset, 20),  # its highest
+                    opset_version=opset,
                     input_names=[INPUT_NAME],
                     output_names=[OUTPUT_NAME],
                     dynamic_axes=axes,
                 )
-            # The TorchScript exporter stops at opset 20: say so where more was asked for.
-            lowered = f", opset 20 instead of {opset}" if opset > 20 else ""
-            return f"torchscript (torch {torch.__version__}{lowered})"
+            return f"torchscript (torch {torch.__version__})"
         except Exception as error:
             errors.append(f"torchscript: {first_line(error)}")
     raise ExportError(f"{type(module).__name__} could not be exported: " + "; ".join(errors))
@@ -188,12 +208,15 @@ def compare_with_torch(
     source: str = "",
     provider: str = "ort-cpu",
     raise_on_failure: bool = True,
+    subject: str | None = None,
 ) -> ParityReport:
     """The ONNX file on ONNX Runtime's ``provider`` against ``module`` (float32 reference).
 
     The one pass rule of :func:`advpurify.runtime.parity.compare`; a failure raises
-    :class:`ExportError` naming the file unless ``raise_on_failure`` is false.
+    :class:`ExportError` naming ``subject`` (default: the file) unless ``raise_on_failure``
+    is false.
     """
+    subject = str(path) if subject is None else subject
     session = ort_session(path, provider)
     if provider == "ort-cpu":
         run = cpu_runner(session)
@@ -215,7 +238,7 @@ def compare_with_torch(
             names=("torch", name),
         )
     except ParityError as error:  # outputs of another shape
-        raise ExportError(f"{path}: {error}") from None
+        raise ExportError(f"{subject}: {error}") from None
     if raise_on_failure:
-        result.check(str(path), ExportError)
+        result.check(subject, ExportError)
     return result
