@@ -247,6 +247,28 @@ def test_import_checks_checksum_and_shapes(home, tmp_path, lenet_source, lenet_b
         import_file("ppgn", torch7)
 
 
+def test_weights_with_nan_or_inf_are_refused_and_the_cached_ones_kept(
+    home, tmp_path, lenet_source, lenet_bytes
+):
+    import struct
+
+    from safetensors.torch import load_file
+
+    good = tmp_path / "lenet.caffemodel"
+    good.write_bytes(lenet_bytes)
+    [(_, cached)] = import_file("test-lenet", good)
+    before = cached.read_bytes()
+    # A diverged run's checkpoint: one weight of the real file turned into NaN.
+    name, tensor = next(iter(load_file(cached).items()))
+    value = struct.pack("<f", tensor.view(-1)[0].item())
+    assert lenet_bytes.count(value) == 1
+    diverged = tmp_path / "diverged.caffemodel"
+    diverged.write_bytes(lenet_bytes.replace(value, struct.pack("<f", float("nan"))))
+    with pytest.raises(WeightsError, match=f"NaN or infinite values in {name}"):
+        import_file("test-lenet", diverged, verify=False)
+    assert cached.read_bytes() == before
+
+
 def test_missing_ppgn_weights_name_both_commands(home):
     with pytest.raises(WeightsNotFound) as info:
         require("deepsim-fc6")

@@ -38,8 +38,14 @@ def file_format(path: Path) -> str:
 
 
 def _install(source: Source, path: Path) -> Path:
-    """Convert (which checks every shape) and only then write the cache entry."""
+    """Convert (which checks every shape and value) and only then write the cache entry."""
     state = (source.converter or read_safetensors)(path)
+    broken = [k for k, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken:  # a diverged training run's checkpoint: refused before it replaces a good file
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise WeightsError(
+            f"{path}: refused, NaN or infinite values in {', '.join(broken[:3])}{more}"
+        )
     metadata = {
         "source": source.name,
         "format": source.format,
