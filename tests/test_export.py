@@ -345,6 +345,12 @@ def test_random_weights_are_the_same_network_every_time():
             "export test-lying --purifier rescale --classifier test-tiny -o {tmp}/x.onnx",
             "name the classifier once",
         ),
+        ("export test-tiny -o {tmp}/x.onnx --size 300", "--size goes with --purifier"),
+        (
+            "export test-tiny -o {tmp}/x.onnx --triton-layout bogus",
+            "--triton-layout goes with --triton-repo",
+        ),
+        ("export test-tiny -o {tmp}/x.onnx --triton-max-batch 8", "--triton-max-batch goes with"),
     ],
 )
 def test_export_and_bench_refuse_bad_options_before_any_work(tmp_path, args, message):

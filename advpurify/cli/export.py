@@ -60,7 +60,29 @@ def _list_exportable() -> None:
     console.print(purifiers)
 
 
+def _given(ctx: typer.Context, *names: str) -> list[str]:
+    """Which of these options the command line set (not left at their defaults)."""
+    # By name: typer may carry its own copy of click's ParameterSource enum.
+    sources = {name: getattr(ctx.get_parameter_source(name), "name", None) for name in names}
+    return ["--" + n.replace("_", "-") for n, s in sources.items() if s not in (None, "DEFAULT")]
+
+
+def _refuse_unused(ctx: typer.Context, triton: bool, fused: bool) -> None:
+    """An option the export would not use is refused, never silently ignored."""
+    unused = []
+    if not triton:
+        unused += _given(ctx, "triton_layout", "triton_max_batch", "triton_batch_wait_ms")
+    if not fused and not triton:
+        unused += _given(ctx, "size")
+    if unused:
+        goes_with = (
+            "--triton-repo" if not triton and unused[0].startswith("--triton") else "--purifier"
+        )
+        raise AdvpurifyError(f"{unused[0]} goes with {goes_with}: this export would not use it")
+
+
 def export_command(
+    ctx: typer.Context,
     model: str | None = typer.Argument(None, help="A model from --list (e.g. googlenet)."),
     output: Path | None = typer.Option(
         None, "--output", "-o", help="FILE.onnx, or FILE.engine for a TensorRT engine."
@@ -102,6 +124,7 @@ def export_command(
     if list_models:
         _list_exportable()
         return
+    _refuse_unused(ctx, triton=triton_repo is not None, fused=purifier is not None)
     if triton_repo is not None:
         _triton(
             triton_repo,
