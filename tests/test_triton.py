@@ -127,6 +127,17 @@ def test_ensemble_repository(tmp_path):
     with torch.inference_mode():
         torch.testing.assert_close(logits, TinyClassifier()(purified), atol=1e-4, rtol=1e-4)
 
+    # The fused layout for the same pair replaces the ensemble, its two parts included:
+    # Triton would otherwise go on loading them.
+    notes = []
+    write_triton_repo(
+        tmp_path, "median", "triton-tiny", params={"kernel": 5}, size=SIZE, check_count=4,
+        notify=notes.append,
+    )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    assert f"replacing model {name} in {tmp_path}" in notes
+    assert f"removing model {purifier_name} (the fused layout replaces it)" in notes
+
 
 @pytest.mark.parametrize(("method", "reason"), [("jpeg", "JPEG"), ("randpad", "random")])
 def test_unfusable_methods_say_why(tmp_path, method, reason):
