@@ -230,7 +230,10 @@ def test_imagenet_classes_are_sorted_wnids(data_dir):
     for row in rows[::97]:
         index, wnid, _ = row.split("\t")
         assert wnids()[int(index)] == wnid
-    assert class_name(0) == "tench"
+    assert class_name(0) == "tench" and class_name(torch.tensor(999)) == "toilet tissue"
+    for outside in (1000, -1):  # -1 would otherwise name class 999
+        with pytest.raises(IndexError, match=f"class index {outside} is outside 0..999"):
+            class_name(outside)
 
 
 def test_labels_from_file_name_folder_and_csv(tmp_path):

@@ -68,7 +68,8 @@ def png_bytes(image: torch.Tensor) -> bytes:
 def test_huge_header_refused_before_decoding():
     with pytest.raises(RequestError) as caught:
         image_header(png_header(20_000, 20_000), max_pixels=4096 * 4096)
-    assert caught.value.status == 413 and "too many pixels" in caught.value.reason
+    assert caught.value.status == 413
+    assert caught.value.reason == "too many pixels: 400000000 pixels is over the limit of 16777216"
     # Under Pillow's own bomb limit, our limit still answers from the header alone.
     with pytest.raises(RequestError, match="5000 x 5000"):
         image_header(png_header(5000, 5000), max_pixels=1000 * 1000)

@@ -44,4 +44,7 @@ def class_names() -> tuple[str, ...]:
 
 
 def class_name(index: int) -> str:
-    return class_names()[index]
+    """The readable name of class ``index`` (0-999)."""
+    if isinstance(index, bool) or not 0 <= int(index) < NUM_CLASSES or int(index) != index:
+        raise IndexError(f"class index {index!r} is outside 0..{NUM_CLASSES - 1}")
+    return class_names()[int(index)]

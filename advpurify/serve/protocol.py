@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,12 @@ def image_header(body: bytes, max_pixels: int) -> tuple[str, int, int]:
         # Image.open reads the header only; pixel data is decoded later, if the size is fine.
         with Image.open(io.BytesIO(body)) as img:
             fmt, (width, height) = img.format or "", img.size
-    except Image.DecompressionBombError as error:
-        raise RequestError(413, f"too many pixels: {error}") from None
+    except Image.DecompressionBombError as error:  # Pillow's own limit, far above ours
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = f"{found.group(1)} pixels" if found else "the image"
+        raise RequestError(
+            413, f"too many pixels: {pixels} is over the limit of {max_pixels}"
+        ) from None
     except UnidentifiedImageError:
         raise RequestError(
             400, f"not an image (body starts with {body[:8]!r}); send a JPEG, PNG, ... file"
