@@ -1,6 +1,7 @@
 """Errors a user can act on: the CLI prints them as one line and exits 1, no traceback."""
 
 import pickle
+import re
 
 
 class AdvpurifyError(Exception):
@@ -19,8 +20,11 @@ def load_error(error: BaseException) -> str:
     for a pickled object runs to a dozen lines and suggests ``weights_only=False``, which would
     run whatever code the file carries."""
     if isinstance(error, pickle.UnpicklingError):
-        return (
-            "it holds pickled Python objects, not only tensors: refused, since loading them "
-            "could run code (save a plain state dict or .safetensors instead)"
-        )
+        if "Unsupported global" in str(error):  # a class or function the file would import
+            return (
+                "it holds pickled Python objects, not only tensors: refused, since loading them "
+                "could run code (save a plain state dict or .safetensors instead)"
+            )
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))  # e.g. random bytes
+        return f"torch.load: {found.group(1).strip()}" if found else first_line(error)
     return first_line(error)

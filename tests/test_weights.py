@@ -289,6 +289,17 @@ def test_cli_list_import_convert(home, tmp_path, lenet_source, lenet_bytes, data
     result = runner.invoke(app, ["weights", "import", "test-lenet", str(good)])
     assert result.exit_code == 0, result.output
     assert cached_path("test-lenet").is_file()
+    from advpurify.weights.manager import entries
+
+    def lenet_entry():
+        return next(e for e in entries() if e.model == "test-lenet")
+
+    assert lenet_entry().cached and lenet_entry().damage is None
+    whole = cached_path("test-lenet").read_bytes()
+    cached_path("test-lenet").write_bytes(whole[: len(whole) // 2])  # a disk filled mid-copy
+    assert lenet_entry().damage == f"truncated ({len(whole) // 2} of {len(whole)} bytes)"
+    assert "damaged" in runner.invoke(app, ["weights", "list"]).output
+    cached_path("test-lenet").write_bytes(whole)
     out = tmp_path / "lenet.safetensors"
     caffe = data_dir / "fixtures" / "caffe"
     result = runner.invoke(
@@ -362,3 +373,18 @@ def test_a_bad_download_without_a_checksum_is_not_kept_and_force_downloads_again
     kept.write_bytes(b"<html>parked domain</html>")
     fetch("test-lenet", progress=False, force=True, keep_download=True)  # --force: fresh bytes
     assert kept.read_bytes() == lenet_bytes
+
+
+def test_import_says_what_is_wrong_with_the_name_or_the_file(home, tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes(range(7, 250)))
+    cases = {
+        ("nosuch", folder): "unknown weights 'nosuch'",  # the name first, whatever the file
+        ("ppgn", folder): f"{folder}: is a folder, not a weights file",
+        ("deepsim-fc6", noise): "not a readable checkpoint (torch.load: Unsupported operand",
+    }
+    for (name, path), message in cases.items():
+        with pytest.raises(WeightsError, match=re.escape(message)):
+            import_file(name, path)

@@ -55,6 +55,8 @@ def list_command() -> None:
     table.add_column("sources", overflow="fold")
     for entry in entries():
         cached = f"yes ({entry.bytes / 1e6:.1f} MB)" if entry.cached else "no"
+        if entry.damage:
+            cached = f"damaged: {entry.damage}; fetch or import again"
         sources = "\n".join(f"{s.format}: {s.url or '(import only)'}" for s in entry.sources)
         table.add_row(entry.model, entry.group or "", cached, sources)
     console.print(table)

@@ -11,6 +11,8 @@ so a reader never sees a half-written file.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -40,6 +42,26 @@ def cached_path(model: str) -> Path:
 
 def is_cached(model: str) -> bool:
     return cached_path(model).is_file()
+
+
+def damage(path: Path) -> str | None:
+    """Why a cached safetensors file is not whole (its header's sizes against the file's), or
+    None where it is; reads the header only."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > size - 8:
+                return f"truncated ({size} bytes, header alone needs {8 + length})"
+            header = json.loads(handle.read(length))
+        end = max(
+            (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0
+        )
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        return f"unreadable header ({type(error).__name__})"
+    if size != 8 + length + end:
+        return f"truncated ({size} of {8 + length + end} bytes)"
+    return None
 
 
 def not_found_message(model: str) -> str:

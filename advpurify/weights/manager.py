@@ -118,10 +118,12 @@ def import_file(name: str, path: Path | str, *, verify: bool = True) -> list[tup
     and shapes are always checked.
     """
     path = Path(path)
+    models = expand(name)  # an unknown name first: it is what the user must fix
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder, not a weights file")
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
     fmt = file_format(path)
-    models = expand(name)
     candidates = [s for m in models for s in sources_for(m) if s.format == fmt]
     if not candidates:
         accepted = sorted({s.format for m in models for s in sources_for(m)})
@@ -152,6 +154,7 @@ class Entry:
     path: Path
     bytes: int | None
     sources: tuple[Source, ...]
+    damage: str | None = None  # why the cached file is not whole (None: it is, or none cached)
 
 
 def entries() -> list[Entry]:
@@ -168,6 +171,7 @@ def entries() -> list[Entry]:
                 path=path,
                 bytes=path.stat().st_size if cached else None,
                 sources=tuple(sources_for(model)),
+                damage=cache.damage(path) if cached else None,
             )
         )
     return result
