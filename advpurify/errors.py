@@ -20,11 +20,17 @@ def load_error(error: BaseException) -> str:
     for a pickled object runs to a dozen lines and suggests ``weights_only=False``, which would
     run whatever code the file carries."""
     if isinstance(error, pickle.UnpicklingError):
-        if "Unsupported global" in str(error):  # a class or function the file would import
+        # Never torch's own text: it advises weights_only=False, which runs the file's code.
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        detail = found.group(1).strip() if found else ""
+        if not detail.lower().startswith("unsupported operand"):  # random bytes say this
             return (
                 "it holds pickled Python objects, not only tensors: refused, since loading them "
                 "could run code (save a plain state dict or .safetensors instead)"
             )
-        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))  # e.g. random bytes
-        return f"torch.load: {found.group(1).strip()}" if found else first_line(error)
+        # Random bytes, and pickles in protocols torch's safe loader does not read.
+        return (
+            f"{detail}: not a torch file, or pickled Python objects, refused since loading "
+            "them could run code"
+        )
     return first_line(error)

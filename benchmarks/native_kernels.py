@@ -48,6 +48,10 @@ def kernels() -> ctypes.CDLL:
 
 
 def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """The kernels' only input: one float32 image on the CPU, channels-last."""
+    if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4 or t.shape[0] != 1:
+        raise ValueError(f"expected one float32 CPU image (1 x C x H x W), got {t.dtype} "
+                         f"{tuple(t.shape)} on {t.device}")  # fmt: skip
     return t.contiguous(memory_format=NHWC)
 
 
@@ -91,6 +95,8 @@ class ReflectPadConcat(torch.autograd.Function):
     def forward(ctx, *parts):
         parts = [_nhwc(p) for p in parts]
         _, _, h, w = parts[0].shape
+        if any(p.shape[-2:] != (h, w) for p in parts):
+            raise ValueError(f"parts of different sizes: {[tuple(p.shape) for p in parts]}")
         if h < 2 or w < 2:
             raise ValueError(f"reflection padding needs at least 2 x 2, not {h} x {w}")
         ctx.channels = [p.shape[1] for p in parts]

@@ -596,6 +596,14 @@ def test_eval_follows_the_attack_labels_through_a_purify_batch_copy(
     monkeypatch.chdir(tmp_path)  # the paths the manifests record are relative to here
     assert invoke("attack", "photos", "-o", "adv", *LITE0, "--eps", "2").exit_code == 0
     assert invoke("batch", "adv", "-m", "bitdepth", "-o", "purified", "-q").exit_code == 0
+    # A resume records every output again (skipped): still one input per output.
+    assert invoke("batch", "adv", "-m", "bitdepth", "-o", "purified", "-q").exit_code == 0
+    from advpurify.evaluation.labels import purified_copy_labels
+
+    purified = sorted((tmp_path / "purified").rglob("*.png"))
+    with (tmp_path / "purified" / "manifest.jsonl").open("a") as manifest:
+        manifest.write('{"status": "done", "output": 5, "input": null}\n')  # passed over
+    assert purified_copy_labels(purified, tmp_path / "purified").source.startswith("attack")
     # Both folders moved together, eval run from elsewhere: still found.
     moved = tmp_path / "moved"
     moved.mkdir()

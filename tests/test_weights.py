@@ -383,8 +383,57 @@ def test_import_says_what_is_wrong_with_the_name_or_the_file(home, tmp_path):
     cases = {
         ("nosuch", folder): "unknown weights 'nosuch'",  # the name first, whatever the file
         ("ppgn", folder): f"{folder}: is a folder, not a weights file",
-        ("deepsim-fc6", noise): "not a readable checkpoint (torch.load: Unsupported operand",
+        ("deepsim-fc6", noise): "not a readable checkpoint (Unsupported operand",
     }
     for (name, path), message in cases.items():
         with pytest.raises(WeightsError, match=re.escape(message)):
             import_file(name, path)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_a_pickle_that_would_run_code_is_refused_without_torchs_unsafe_advice(tmp_path, protocol):
+    import pickle
+
+    from advpurify.weights.state_dicts import read_state_dict
+
+    evil = tmp_path / "evil.pt"
+    if protocol == 2:
+        torch.save({"w": _RunsCode()}, evil)  # torch.save's own pickle
+    else:
+        evil.write_bytes(pickle.dumps({"w": _RunsCode()}, protocol=protocol))
+    with pytest.raises(WeightsError) as refused:
+        read_state_dict(evil)
+    message = str(refused.value)
+    assert "could run code" in message and "weights_only" not in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "found"),
+    [
+        ({"w": {"data_offsets": [0, 4]}}, b"1234", None),
+        ({"w": {"data_offsets": [0, 4]}}, b"12", "truncated"),
+        ({"w": {"data_offsets": [0, 4]}}, b"12345678", "wrong size"),
+        ([], b"", "not a JSON object"),
+        ({"w": {"data_offsets": ["0", "4"]}}, b"1234", "not integers"),
+        ({"w": 1}, b"", "unreadable header"),
+    ],
+)
+def test_a_damaged_cached_file_is_named_never_a_traceback(tmp_path, header, data, found):
+    import json
+    import struct
+
+    from advpurify.weights.cache import damage
+
+    text = json.dumps(header).encode()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    problem = damage(path)
+    assert problem is None if found is None else found in problem

@@ -231,7 +231,9 @@ def purified_copy_labels(paths: Sequence[Path], root: Path) -> Labels | None:
     manifest = Path(root) / ATTACK_MANIFEST
     if not (Path(root) / BATCH_RUN_FILE).is_file() or not manifest.is_file():
         return None
-    inputs: dict[tuple[str, ...], list[tuple[Path, Path]]] = {}  # output path suffix -> records
+    # Output path suffix -> (output, input) as last recorded: a resumed run records an output
+    # again (skipped), perhaps from another working folder; the latest record wins.
+    inputs: dict[tuple[str, ...], tuple[str, str]] = {}
     try:
         lines = manifest.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
     except OSError as error:
@@ -241,20 +243,23 @@ def purified_copy_labels(paths: Sequence[Path], root: Path) -> Labels | None:
             record = json.loads(line)
         except ValueError:
             continue  # the batch's own resume reads and reports its manifest
+        if not isinstance(record, dict) or record.get("status") not in ("done", "skipped"):
+            continue
         output, source = record.get("output"), record.get("input")
-        if record.get("status") not in ("done", "skipped") or not output or not source:
+        if not isinstance(output, str) or not isinstance(source, str) or not output or not source:
             continue
         parts = Path(output).parts
         for depth in range(1, len(parts) + 1):
-            inputs.setdefault(parts[-depth:], []).append((Path(output), Path(source)))
+            inputs[parts[-depth:]] = (output, source)
     found: list[tuple[int, str] | None] = []
     attacks: dict[Path, tuple[dict[str, int], str] | None] = {}  # each folder's read once
     for path in paths:
         rel = Path(_relative(path, root))
-        records = inputs.get(rel.parts, [])
-        found.append(
-            _input_label(*records[0], rel, Path(root), attacks) if len(records) == 1 else None
-        )
+        pair = inputs.get(rel.parts)
+        if pair is None:
+            found.append(None)
+        else:
+            found.append(_input_label(Path(pair[0]), Path(pair[1]), rel, Path(root), attacks))
     known = [entry for entry in found if entry is not None]
     if not known:
         return None

@@ -252,7 +252,7 @@ def write_triton_repo(
                 notify(f"replacing model {model} in {repo}")
             _replace(staged / model, repo / model)
     # The other layout's models of this pair would still be loaded by Triton beside the new.
-    for stale in {name, f"{name}_purifier", f"{name}_classifier"} - set(models):
+    for stale in sorted({name, f"{name}_purifier", f"{name}_classifier"} - set(models)):
         if (repo / stale / "config.pbtxt").is_file():
             notify(f"removing model {stale} (the {layout} layout replaces it)")
             shutil.rmtree(repo / stale)

@@ -46,11 +46,19 @@ def preflight(config: ServeConfig, check_address: bool = True) -> None:
     """What would otherwise fail inside a replica, after Ray has started, as a traceback: the
     device, the purifier with its weights, the classifier's name, backend and weights file,
     and the address to listen on. One-line errors, in about a second."""
-    resolve_device(config.device)
-    purifier_for(config.method, config.params, config.device)  # loads weights: missing ones fail
+    device = resolve_device(config.device)
+    # Built on the CPU and on torch: its weights load (missing ones fail) without this process
+    # holding a GPU context for the server's life, or building an engine a replica builds again.
+    params = dict(config.params)
+    if isinstance(params.get("backend"), str) and params["backend"] != "torch":
+        reason = unavailable_reason(canonical(params["backend"], device))
+        if reason is not None:
+            raise BackendError(f"-p backend={params['backend']}: {reason}")
+        params["backend"] = "torch"
+    purifier_for(config.method, params, "cpu")
     if config.classifier:
         classifier_spec(config.classifier)
-        backend = canonical(config.backend, resolve_device(config.device))
+        backend = canonical(config.backend, device)
         reason = unavailable_reason(backend)
         if reason is not None:
             raise BackendError(f"--backend {backend}: {reason}")
@@ -59,8 +67,8 @@ def preflight(config: ServeConfig, check_address: bool = True) -> None:
     if not check_address:
         return
     _check_address("--port", config.host, config.port)
-    if config.metrics_port is not None:
-        _check_address("--metrics-port", config.host, config.metrics_port)
+    if config.metrics_port is not None:  # Ray's metrics agent listens on every interface
+        _check_address("--metrics-port", "0.0.0.0", config.metrics_port)
 
 
 def _check_address(option: str, host: str, port: int) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from advpurify.images import ImageDecodeError, decode_image
+from advpurify.images import ImageDecodeError, allow_pixels, decode_image
 from advpurify.models.imagenet import class_names, wnids
 from advpurify.purifiers import (
     ParamError,
@@ -78,11 +78,12 @@ def image_header(body: bytes, max_pixels: int) -> tuple[str, int, int]:
     """``(format, width, height)`` from the header alone; nothing is decoded yet."""
     if not body:
         raise RequestError(400, "empty body: send the image file as the request body")
+    allow_pixels(max_pixels)  # Pillow's own bomb limit never below ours: ours is what answers
     try:
         # Image.open reads the header only; pixel data is decoded later, if the size is fine.
         with Image.open(io.BytesIO(body)) as img:
             fmt, (width, height) = img.format or "", img.size
-    except Image.DecompressionBombError as error:  # Pillow's own limit, far above ours
+    except Image.DecompressionBombError as error:  # over twice Pillow's limit, so over ours
         found = re.search(r"\((\d+) pixels\)", str(error))
         pixels = f"{found.group(1)} pixels" if found else "the image"
         raise RequestError(

@@ -52,15 +52,20 @@ def damage(path: Path) -> str | None:
             size = os.fstat(handle.fileno()).st_size
             length = int.from_bytes(handle.read(8), "little")
             if size < 8 or length > size - 8:
-                return f"truncated ({size} bytes, header alone needs {8 + length})"
+                return f"truncated ({size} bytes, the header alone needs {8 + length})"
             header = json.loads(handle.read(length))
-        end = max(
-            (t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0
-        )
+        if not isinstance(header, dict):
+            return "unreadable header (not a JSON object)"
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        if not all(isinstance(end, int) for end in ends):
+            return "unreadable header (offsets that are not integers)"
     except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
         return f"unreadable header ({type(error).__name__})"
-    if size != 8 + length + end:
-        return f"truncated ({size} of {8 + length + end} bytes)"
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"truncated ({size} of {expected} bytes)"
+    if size > expected:
+        return f"wrong size ({size} bytes, its header says {expected})"
     return None
 
 

@@ -20,8 +20,10 @@ static void rows_of(long n, long *begin, long *end) { /* this thread's share of 
     *end = n * (t + 1) / k;
 }
 
-/* Per channel, the sums of x and x*x (in double over blocks of float partial sums). */
-static void channel_sums(const float *x, long P, int C, double *sum, double *sq, int k) {
+/* Per channel, the sums of d and d*d for d = x - shift (shift: the first row, so the variance
+ * loses no precision to a large mean), in double over blocks of float partial sums. */
+static void channel_sums(const float *x, long P, int C, const float *shift, double *sum,
+                         double *sq, int k) {
     double *part = calloc((size_t)2 * k * C, sizeof(double));
 #pragma omp parallel num_threads(k)
     {
@@ -35,8 +37,9 @@ static void channel_sums(const float *x, long P, int C, double *sum, double *sq,
             for (long r = b0; r < b1; r++) {
                 const float *row = x + r * C;
                 for (int c = 0; c < C; c++) {
-                    bs[c] += row[c];
-                    bq[c] += row[c] * row[c];
+                    float d = row[c] - shift[c];
+                    bs[c] += d;
+                    bq[c] += d * d;
                 }
             }
             for (int c = 0; c < C; c++) {
@@ -60,9 +63,9 @@ void bn_act_forward(const float *x, float *y, long P, int C, const float *gamma,
                     const float *beta, float eps, float slope, float *mean, float *invstd, int k) {
     double *sum = malloc(sizeof(double) * 2 * C), *sq = sum + C;
     float *scale = malloc(sizeof(float) * 2 * C), *shift = scale + C;
-    channel_sums(x, P, C, sum, sq, k);
+    channel_sums(x, P, C, x, sum, sq, k);
     for (int c = 0; c < C; c++) {
-        double m = sum[c] / P, v = sq[c] / P - m * m;
+        double d = sum[c] / P, m = x[c] + d, v = sq[c] / P - d * d;
         float inv = (float)(1.0 / sqrt((v > 0.0 ? v : 0.0) + eps));
         mean[c] = (float)m;
         invstd[c] = inv;
