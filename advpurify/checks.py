@@ -39,3 +39,9 @@ def in_range(option: str, value: float, low: float, high: float) -> None:
 def not_empty(option: str, values: Sized, text: str) -> None:
     if not len(values):
         raise AdvpurifyError(f"{option} {text!r}: names nothing")
+
+
+def seed(option: str, value: int) -> None:
+    """A run seed: what a torch generator takes (the training seeds a second one with + 1)."""
+    if not 0 <= value < 2**63:
+        raise AdvpurifyError(f"{option} {value}: must be in 0..{2**63 - 1}")

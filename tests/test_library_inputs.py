@@ -46,6 +46,29 @@ def test_an_empty_batch_gives_an_empty_batch(method):
     assert out.shape == (0, 3, 16, 16)
 
 
+def test_edge_inputs_are_checked_or_taken():
+    randpad = advpurify.create_purifier("randpad")
+    assert randpad(torch.rand(0, 3, 8, 8)).shape == (0, 3, 8, 8)  # no image, no seed needed
+    with pytest.raises(ValueError, match="images of 0 x 0 pixels"):
+        randpad(torch.rand(1, 3, 0, 0), [0])
+    # numpy scalars are taken as settings, as they are as seeds
+    assert advpurify.create_purifier("jpeg", quality=np.int64(50)).settings.quality == 50
+
+
+def test_image_seeds_keep_their_values_and_never_collide_for_other_run_seeds():
+    import zlib
+
+    from advpurify.purifiers.base import image_seed
+
+    for seed, key in ((0, "a.jpg"), (7, "sub/b.png"), (2**31 - 1, "c")):
+        before = (zlib.crc32(key.encode()) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF  # the old rule
+        assert image_seed(seed, key) == before  # outputs of earlier runs stay reproducible
+    seeds = {image_seed(seed, "a.jpg") for seed in (0, 2**31, 2**32, 2**63, 2**64 - 1)}
+    assert len(seeds) == 5 and max(seeds) < 2**64
+    with pytest.raises(TypeError, match="key: str"):
+        image_seed(0, b"a.jpg")
+
+
 def test_outputs_are_contiguous():
     out = advpurify.create_purifier("jpeg")(torch.rand(2, 3, 8, 8))
     assert out.is_contiguous() and out.view(2, -1).shape == (2, 192)
@@ -60,6 +83,8 @@ def test_outputs_are_contiguous():
         ([-1, 2], "-1 is outside"),
         ([2**64, 2], "is outside"),
         ([1], "1 seeds for a batch of 2 images"),
+        (torch.tensor(5), "expected a sequence of integers"),
+        ({7: 1, 8: 2}, "expected a sequence of integers"),
     ],
 )
 def test_seeds_are_integers_one_per_image(seeds, message):

@@ -212,12 +212,27 @@ def test_engine_options_are_checked_before_any_work(photos: Path, tmp_path: Path
         ["--engine", "ray", "--concurrency", "0"],
         ["--engine", "ray", "--gpus-per-worker", "-1"],
         ["--engine", "ray", "--device", "cuda"],
+        ["--engine", "ray", "--gpus-per-worker", "nan"],
+        ["--engine", "ray", "--cpus-per-worker", "inf"],
+        ["--seed", "-1"],
+        ["--seed", str(2**64)],
     ]
     for extra in bad:
         result = _invoke(str(photos), "-m", "rescale", "-o", str(tmp_path / "o"), *extra)
         assert result.exit_code == 1, (extra, result.output)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert not tmp_path.joinpath("o").exists()
+
+
+def test_actors_no_node_could_hold_are_refused_not_waited_for() -> None:
+    from advpurify.pipeline.ray_engine import check_resources
+
+    two_cpus = {"CPU": 2.0, "memory": 1e9}
+    check_resources(two_cpus, RayOptions(cpus_per_worker=2))
+    with pytest.raises(AdvpurifyError, match="--cpus-per-worker 4: this machine's Ray has 2 CPUs"):
+        check_resources(two_cpus, RayOptions(cpus_per_worker=4))
+    with pytest.raises(AdvpurifyError, match="--gpus-per-worker 1: .* has 0 GPUs"):
+        check_resources(two_cpus, RayOptions(gpus_per_worker=1))
 
 
 def test_without_ray_engine_ray_is_one_line_naming_the_extra(

@@ -84,6 +84,7 @@ def attack_command(
     from advpurify.evaluation.labels import is_pseudo_source
 
     config = AttackConfig(attack, eps, steps, step_size, random_start).resolved()
+    checks.seed("--seed", seed)
     format = check_attack_inputs(input, output, format, target)
     check_writable_folder(output)
     if format == "jpg":
@@ -199,6 +200,7 @@ def experiment_command(
 
     method_list = parse_methods(methods)
     checks.not_empty("--methods", method_list, methods)
+    checks.seed("--seed", seed)
     checks.at_least("--grid", grid, 0)
     checks.at_least("--adaptive-n", adaptive_n, 1)
     checks.at_least("--adaptive-steps", adaptive_steps, 1)

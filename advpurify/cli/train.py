@@ -56,6 +56,7 @@ def context_encoder(
     from advpurify.train.context_encoder import TrainConfig, Trainer
 
     checks.at_least("--steps", steps, 1)
+    checks.seed("--seed", seed)
     checks.at_least("--batch-size", batch_size, 1)
     checks.positive("--lr", lr)
     checks.positive("--g-lr-mult", g_lr_mult)

@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from advpurify import __version__
+from advpurify import __version__, checks
 from advpurify.errors import AdvpurifyError
 from advpurify.files import (
     atomic_write_bytes,
@@ -94,6 +94,7 @@ class PipelineOptions:
         check_max_pixels(self.max_image_pixels)
         if self.pixel_budget < 1:
             raise AdvpurifyError(f"--pixel-budget {self.pixel_budget}: must be at least 1")
+        checks.seed("--seed", self.seed)
 
     @property
     def read_ahead(self) -> int:

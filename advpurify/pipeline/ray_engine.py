@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -61,9 +62,9 @@ class RayOptions:
     max_restarts: int = 3  # restarts of a purifier actor that died, and retries of its batch
 
     def check(self) -> None:
-        if self.gpus_per_worker < 0:
+        if not math.isfinite(self.gpus_per_worker) or self.gpus_per_worker < 0:
             raise AdvpurifyError(f"--gpus-per-worker {self.gpus_per_worker}: must be >= 0")
-        if self.cpus_per_worker <= 0:
+        if not math.isfinite(self.cpus_per_worker) or self.cpus_per_worker <= 0:
             raise AdvpurifyError(f"--cpus-per-worker {self.cpus_per_worker}: must be > 0")
         if self.concurrency < 1:
             raise AdvpurifyError(f"--concurrency {self.concurrency}: must be at least 1")
@@ -150,6 +151,21 @@ def connect(address: str) -> bool:
         where = f"--ray-address {address!r}: cannot connect" if address else "cannot start Ray"
         raise AdvpurifyError(f"{where} ({error})") from None
     return True
+
+
+def check_resources(cluster: dict[str, float], ray_options: RayOptions) -> None:
+    """Refuse actors that no node of the local Ray started here can hold: Ray would wait for
+    them forever. (A cluster joined with --ray-address may autoscale: it is left to Ray.)"""
+    for option, key, wanted in (
+        ("--cpus-per-worker", "CPU", ray_options.cpus_per_worker),
+        ("--gpus-per-worker", "GPU", ray_options.gpus_per_worker),
+    ):
+        have = cluster.get(key, 0.0)
+        if wanted > have:
+            raise AdvpurifyError(
+                f"{option} {wanted:g}: this machine's Ray has {have:g} {key}s in all, so no "
+                "purifier actor could ever start"
+            )
 
 
 def check_shared_folders(plan: RunPlan) -> None:
@@ -278,6 +294,8 @@ def execute_ray(
     stop = stop or threading.Event()
     started_here = connect(ray_options.address)
     try:
+        if started_here and not ray_options.address:
+            check_resources(ray.cluster_resources(), ray_options)
         check_shared_folders(plan)
         recorder = RunRecorder(plan, on_progress)
         untouched = 0

@@ -18,9 +18,10 @@ import math
 import operator
 import typing
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 
 from advpurify.devices import resolve_device
@@ -143,6 +144,8 @@ def _check_value(info: SettingInfo, value: Any) -> Any:
     if value is None and info.optional:
         return value
     kind = info.type
+    if kind in (int, float) and isinstance(value, np.integer | np.floating):
+        value = value.item()  # numpy scalars, as seeds take them
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is bool:
@@ -207,7 +210,7 @@ class Purifier:
     def __call__(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
         check_images(images)
         if seeds is None:
-            if self.stochastic:
+            if self.stochastic and images.shape[0]:
                 raise ValueError(
                     f"purifier {self.name} is stochastic: pass one seed per image (seeds=...)"
                 )
@@ -250,6 +253,10 @@ def check_images(images: torch.Tensor) -> None:
         raise TypeError(f"expected a torch.Tensor, got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected N x 3 x H x W images, got shape {tuple(images.shape)}")
+    if images.shape[0] and 0 in images.shape[2:]:
+        raise ValueError(
+            f"images of {images.shape[3]} x {images.shape[2]} pixels: nothing to purify"
+        )
     if images.dtype != torch.float32:
         raise ValueError(f"expected float32 images, got {images.dtype}")
     if images.numel():
@@ -269,7 +276,12 @@ SEED_LIMIT = 2**64
 def check_seeds(seeds: Sequence[int], n: int) -> list[int]:
     """``seeds`` as a list of ``n`` plain ints, each an integer (no bool, float or str) in
     ``0 .. 2**64 - 1``."""
-    if isinstance(seeds, str | bytes) or not isinstance(seeds, Iterable):
+    zero_dim = isinstance(seeds, torch.Tensor) and seeds.ndim == 0
+    if (
+        isinstance(seeds, str | bytes | Mapping | Set)
+        or not isinstance(seeds, Iterable)
+        or zero_dim
+    ):
         raise ValueError(f"seeds={seeds!r}: expected a sequence of integers, one per image")
     checked = []
     for seed in seeds:
@@ -288,10 +300,18 @@ def check_seeds(seeds: Sequence[int], n: int) -> list[int]:
 
 
 def image_seed(base_seed: int, key: str) -> int:
-    """A per-image seed from the run's seed and the image's relative path: stable across runs."""
-    return (
-        zlib.crc32(key.encode("utf-8", "surrogateescape")) ^ (base_seed * 0x9E3779B1)
-    ) & 0x7FFFFFFF
+    """A per-image seed from the run's seed (0..2**64-1, as a generator takes) and the image's
+    relative path: stable across runs, and distinct for distinct run seeds."""
+    if isinstance(base_seed, bool) or not isinstance(base_seed, int) or not isinstance(key, str):
+        raise TypeError(f"image_seed(base_seed: int, key: str), not ({base_seed!r}, {key!r})")
+    if not 0 <= base_seed < 2**64:
+        raise ValueError(f"seed {base_seed}: must be in 0..2**64-1")
+    low = (zlib.crc32(key.encode("utf-8", "surrogateescape")) ^ (base_seed * 0x9E3779B1)) & (
+        0x7FFFFFFF
+    )
+    # The seed's bits above the 31 that ``low`` mixes, kept apart: seeds below 2**31 give the
+    # values they always gave, and seeds 2**31 apart no longer collide.
+    return low | (base_seed >> 31) << 31
 
 
 def generators(seeds: Iterable[int], device: torch.device) -> list[torch.Generator]:
