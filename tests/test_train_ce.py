@@ -140,6 +140,13 @@ def test_resume_continues_from_saved_step(photos: Path, tmp_path: Path) -> None:
         train(_config(photos, interrupted))
     with pytest.raises(TrainError, match="trained with --size small"):
         train(_config(photos, interrupted, resume=True, size="paper"))
+    # Other samples would start another run midway: refused, the checkpoint untouched.
+    before = interrupted.read_bytes()
+    for field, option in (("batch_size", "--batch-size"), ("seed", "--seed")):
+        saved = _config(photos, interrupted).__getattribute__(field)
+        with pytest.raises(TrainError, match=f"trained with {option} {saved}, not {saved + 1}"):
+            train(_config(photos, interrupted, steps=7, resume=True, **{field: saved + 1}))
+    assert interrupted.read_bytes() == before
 
 
 def test_cli_trains_and_reports_errors_in_one_line(

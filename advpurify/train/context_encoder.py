@@ -73,6 +73,23 @@ class TrainConfig:
     workers: int = 2
 
 
+# What decides which crops the run trains on, step by step: a resume with other values would
+# not continue the run but start another stream of samples midway. (The rates may change.)
+SAMPLE_STREAM = {"seed": "--seed", "batch_size": "--batch-size", "min_crop": "--min-crop"}
+
+
+def _refuse_another_sample_stream(
+    output: Path, stored: dict[str, str], config: TrainConfig
+) -> None:
+    for field, option in SAMPLE_STREAM.items():
+        now = str(getattr(config, field))
+        if field in stored and stored[field] != now:
+            raise TrainError(
+                f"{output}: trained with {option} {stored[field]}, not {now}: --resume "
+                "continues a run with its own samples (use another -o for a new run)"
+            )
+
+
 @dataclasses.dataclass
 class TrainResult:
     output: Path
@@ -169,6 +186,7 @@ class Trainer:
                 raise TrainError(
                     f"{self.output}: trained with --size {state['size']}, not {config.size}"
                 )
+            _refuse_another_sample_stream(self.output, state.get("config", {}), config)
         self.device = resolve_device(config.device)
         self.amp_dtype = _autocast_dtype(self.device, config.amp)
         torch.manual_seed(config.seed)
