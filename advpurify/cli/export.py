@@ -60,6 +60,9 @@ def _list_exportable() -> None:
     console.print(purifiers)
 
 
+PLOT_SUFFIXES = (".png",)  # the figure is written as PNG whatever the name says
+
+
 def _given(ctx: typer.Context, *names: str) -> list[str]:
     """Which of these options the command line set (not left at their defaults)."""
     # By name: typer may carry its own copy of click's ParameterSource enum.
@@ -289,6 +292,10 @@ def _bench_methods(
         raise AdvpurifyError("--method takes one --backend (of --classifier) and one --precision")
     if backend and classifier is None:
         raise AdvpurifyError("--backend goes with --classifier when timing methods")
+    if weights is not None and classifier is None:
+        raise AdvpurifyError("--weights goes with --classifier when timing methods")
+    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise AdvpurifyError(f"--plot {plot}: name a {', '.join(PLOT_SUFFIXES)} file")
     for path, option in ((json_file, "--json file"), (plot, "--plot file")):
         if path is not None:
             check_writable_file(path, option)  # before the timing, not after
