@@ -238,3 +238,13 @@ def test_cuda_mixed_precision_training(photos: Path, tmp_path: Path) -> None:
     assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in result.history)
     resumed = train(_config(photos, tmp_path / "gpu.pt", steps=6, device="cuda", resume=True))
     assert [h["step"] for h in resumed.history] == [5, 6]
+
+
+def test_a_folder_of_unreadable_images_is_named(tmp_path: Path) -> None:
+    broken = [tmp_path / "a.jpg", tmp_path / "b.png"]
+    for path in broken:
+        path.write_bytes(b"not an image")
+    with pytest.raises(
+        TrainError, match=rf"none of the 2 images could be read \(the last: .*{tmp_path}"
+    ):
+        CropDataset(broken, seed=0)[0]

@@ -68,7 +68,9 @@ class CropDataset(Dataset):
         except ImageDecodeError as error:
             self.bad[index] = f"skipping {error}"
             if len(self.bad) == len(self.paths):
-                raise TrainError(f"none of the {len(self.paths)} images could be read") from None
+                raise TrainError(
+                    f"none of the {len(self.paths)} images could be read (the last: {error})"
+                ) from None
             return None
         stored = (image * 255).round().to(torch.uint8)
         if self.cache_bytes + stored.numel() <= self.cache_limit:
