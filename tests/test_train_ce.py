@@ -140,6 +140,9 @@ def test_resume_continues_from_saved_step(photos: Path, tmp_path: Path) -> None:
         train(_config(photos, interrupted))
     with pytest.raises(TrainError, match="trained with --size small"):
         train(_config(photos, interrupted, resume=True, size="paper"))
+    notes: list[str] = []
+    Trainer(_config(photos, tmp_path / "new.pt", resume=True), warn=notes.append)
+    assert notes == [f"{tmp_path / 'new.pt'}: no checkpoint there to resume, a new run starts"]
     # Other samples would start another run midway: refused, the checkpoint untouched.
     before = interrupted.read_bytes()
     for field, option in (("batch_size", "--batch-size"), ("seed", "--seed")):
@@ -175,7 +178,7 @@ def test_cli_trains_and_reports_errors_in_one_line(
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "steps 0..2" in result.output and output.is_file()
+    assert "steps 1..2" in result.output and output.is_file()
 
     # SIGTERM (a job scheduler) during step 2 of 4: the step completes, the checkpoint is
     # written, the command says how to continue and exits 130; --resume finishes the run.
@@ -195,7 +198,7 @@ def test_cli_trains_and_reports_errors_in_one_line(
     assert load_checkpoint(stopped)["step"] == 2
     monkeypatch.setattr(Trainer, "train_step", train_step)
     result = CliRunner().invoke(app, [*four, "--resume"])
-    assert result.exit_code == 0 and "steps 2..4" in result.output
+    assert result.exit_code == 0 and "steps 3..4" in result.output
 
     # A checkpoint inside the data folder is refused: its sample grids would become data.
     before = sorted(p.name for p in photos.iterdir())

@@ -104,7 +104,7 @@ def context_encoder(
     if result.history:
         last = result.history[-1]
         typer.echo(
-            f"steps {result.start_step}..{result.step}: L2 {last['l2']:.4f}, "
+            f"steps {result.start_step + 1}..{result.step}: L2 {last['l2']:.4f}, "
             f"adv {last['adv']:.3f}, D {last['d']:.3f}; checkpoint {result.output}"
         )
     else:

@@ -180,6 +180,8 @@ class Trainer:
         self.warn = warn or _warn
         self.output = Path(config.output)
         state = None
+        if config.resume and not self.output.exists():
+            self.warn(f"{self.output}: no checkpoint there to resume, a new run starts")
         if config.resume and self.output.exists():
             state = load_checkpoint(self.output)
             if state["size"] != config.size:  # before building networks of the wrong size
