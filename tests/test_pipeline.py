@@ -293,3 +293,20 @@ def test_methods_command_lists_every_method() -> None:
         assert name in result.stdout
     # The flags survive the table (square brackets would be eaten as markup).
     assert "(stochastic, differentiable)" in result.stdout
+
+
+def test_ctrl_c_while_the_program_starts_is_one_line(tmp_path):
+    """Ctrl-C during the imports (the first second or two): one line and 130, no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    code = "from _advpurify_entry import purify_batch_main; purify_batch_main()"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path), "-m", "rescale", "-o", str(tmp_path / "o")],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    time.sleep(0.4)  # the entry point runs first; torch takes longer than this to import
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stderr) == (130, "interrupted\n")
+    assert not (tmp_path / "o").exists()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 import typer
 
@@ -55,6 +57,9 @@ def _run(make_app) -> None:
     # A command owns its process (and the Ray workers it starts inherit the environment):
     # CPU fits may tune its heap (advpurify/heap.py) unless the user said otherwise.
     os.environ.setdefault(heap.ENV, heap.ON)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C raises again (the console scripts exit at once while the imports run).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         refuse_empty_arguments(sys.argv[1:])
         code = make_app()(standalone_mode=False)

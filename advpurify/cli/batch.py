@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -78,55 +80,69 @@ def batch(
     concurrency: int = typer.Option(1, help="Ray: purifier actors."),
 ) -> None:
     """Purify every image in a folder into a mirrored output folder (resumable)."""
-    output = output or default_output_dir(input_dir, method)
-    # Everything is checked before any work: a bad argument never leaves half a run.
-    check_folders(input_dir, output)
-    ray_options = RayOptions(ray_address, gpus_per_worker, cpus_per_worker, concurrency)
-    run = select_engine(engine, ray_options, device)
-    options = PipelineOptions(
-        batch_size=batch_size,
-        workers=workers,
-        fmt=fmt,
-        quality=quality,
-        seed=seed,
-        overwrite=overwrite,
-        shard=Shard.parse(shard),
-        background=background,
-        max_image_pixels=max_image_pixels,
-        pixel_budget=pixel_budget,
-    )
-    options.check()
-    check_finite_assignments(param)
-    # The Ray engine builds its purifiers on the workers; the driver's copy only plans.
-    driver_device = resolve_device(device) if engine == "local" else "cpu"
-    purifier = create_purifier(method, device=driver_device, **parse_params(method, param))
-    plan = plan_run(input_dir, output, purifier, options)
-    if plan.left_out:
-        example = display_name(plan.left_out[0].relative_to(input_dir))
-        err_console.print(
-            f"note: {len(plan.left_out)} files without an image extension left out "
-            f"(e.g. {example})",
-            markup=False,
-            soft_wrap=True,
+    # Ctrl-C from here on only asks the run to stop: raised in this thread while reader threads
+    # import modules, it could leave an import lock held and hang the program.
+    stop = threading.Event()
+    with _first_interrupt_stops(stop):
+        output = output or default_output_dir(input_dir, method)
+        # Everything is checked before any work: a bad argument never leaves half a run.
+        check_folders(input_dir, output)
+        ray_options = RayOptions(ray_address, gpus_per_worker, cpus_per_worker, concurrency)
+        run = select_engine(engine, ray_options, device)
+        options = PipelineOptions(
+            batch_size=batch_size,
+            workers=workers,
+            fmt=fmt,
+            quality=quality,
+            seed=seed,
+            overwrite=overwrite,
+            shard=Shard.parse(shard),
+            background=background,
+            max_image_pixels=max_image_pixels,
+            pixel_budget=pixel_budget,
         )
-    summary = _run_with_progress(plan, quiet, run)
-    _print_summary(summary)
-    raise typer.Exit(summary.exit_code)
+        options.check()
+        check_finite_assignments(param)
+        # The Ray engine builds its purifiers on the workers; the driver's copy only plans.
+        driver_device = resolve_device(device) if engine == "local" else "cpu"
+        purifier = create_purifier(method, device=driver_device, **parse_params(method, param))
+        plan = plan_run(input_dir, output, purifier, options)
+        if plan.left_out:
+            example = display_name(plan.left_out[0].relative_to(input_dir))
+            err_console.print(
+                f"note: {len(plan.left_out)} files without an image extension left out "
+                f"(e.g. {example})",
+                markup=False,
+                soft_wrap=True,
+            )
+        summary = _run_with_progress(plan, quiet, run, stop)
+        _print_summary(summary)
+        raise typer.Exit(summary.exit_code)
 
 
-def _first_interrupt_stops(stop: threading.Event) -> None:
+@contextlib.contextmanager
+def _first_interrupt_stops(stop: threading.Event) -> Iterator[None]:
     """The first Ctrl-C stops after the batch on the device (outputs finish, the manifest stays
-    whole); a second one stops at once."""
+    whole); a second one stops at once. The previous handler is back afterwards."""
 
     def handler(signum, frame) -> None:
         stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    if threading.current_thread() is threading.main_thread():
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    if main:
         signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
-def _run_with_progress(plan: RunPlan, quiet: bool, run: Engine) -> RunSummary:
+def _run_with_progress(
+    plan: RunPlan, quiet: bool, run: Engine, stop: threading.Event
+) -> RunSummary:
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -151,14 +167,7 @@ def _run_with_progress(plan: RunPlan, quiet: bool, run: Engine) -> RunSummary:
             done = progress.tasks[0].completed
             progress.update(task, rate=done / elapsed if elapsed else 0.0)
 
-        stop = threading.Event()
-        previous = signal.getsignal(signal.SIGINT)
-        _first_interrupt_stops(stop)
-        try:
-            return run(plan, on_progress, stop)
-        finally:
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, previous)
+        return run(plan, on_progress, stop)
 
 
 def _print_summary(summary: RunSummary) -> None:
