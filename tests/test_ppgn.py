@@ -96,6 +96,14 @@ def test_sampler_batched_equals_sequential_and_is_deterministic(images):
     assert torch.equal(purifier(images[:1], seeds=[11]), one)
 
 
+def test_runs_under_inference_mode_as_serve_calls_it(images):
+    # Built and run first under inference_mode (serve's stage does that): the same images.
+    purifier = create_purifier("ppgn", steps=2, weights="random")
+    with torch.inference_mode():
+        inside = purifier(images, seeds=[1, 2])
+    assert torch.equal(inside, purifier(images, seeds=[1, 2]))
+
+
 def test_data_term_pulls_g_towards_the_input(images):
     purifier = create_purifier(
         "ppgn", steps=2, eps1=0.0, data_weight=1.0, eps3=0.0, weights="random"

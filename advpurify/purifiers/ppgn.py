@@ -87,8 +87,11 @@ class PPGNPurifier(Purifier):
             from advpurify.models.deepsim import build_generator
 
             weights = "random" if self.settings.weights == "random" else None
-            generator = build_generator(weights).to(device).requires_grad_(False)
-            encoder = build_encoder(weights).to(device).requires_grad_(False)
+            # Ordinary tensors even when first called under inference_mode: the sampler's
+            # gradient goes through G.
+            with torch.inference_mode(False):
+                generator = build_generator(weights).to(device).requires_grad_(False)
+                encoder = build_encoder(weights).to(device).requires_grad_(False)
             self._models[device] = (generator, encoder)
         return self._models[device]
 
@@ -122,6 +125,12 @@ class PPGNPurifier(Purifier):
 
     def run_sampler(self, images: torch.Tensor, seeds: Sequence[int]) -> SamplerRun:
         """h_T for [0, 1] RGB ``images``, with the per-step term magnitudes."""
+        # The data term needs autograd even when the caller runs under inference_mode (serve
+        # does); a clone made here is an ordinary tensor that autograd may record.
+        with torch.inference_mode(False):
+            return self._run_sampler(images.clone(), seeds)
+
+    def _run_sampler(self, images: torch.Tensor, seeds: Sequence[int]) -> SamplerRun:
         device = images.device
         generator, encoder = self.models(device)
         target = encoder.preprocess(images.float())  # 227 x 227, Caffe pixel space
