@@ -163,8 +163,9 @@ def test_tiled_mode_regenerates_every_pixel(checkpoint: Path, photo: torch.Tenso
 
 def test_batch_independence_and_gradients(checkpoint: Path, small_real_images) -> None:
     for mode in ("center", "tiled"):
+        size = 64 if mode == "tiled" else 128  # the centre's crop is 128 x 128
         purifier = create_purifier(
-            "context-encoder", mode=mode, weights=str(checkpoint), batch=3, size=64
+            "context-encoder", mode=mode, weights=str(checkpoint), batch=3, size=size
         )
         together = purifier(small_real_images)
         alone = torch.cat([purifier(img[None]) for img in small_real_images])
@@ -173,6 +174,16 @@ def test_batch_independence_and_gradients(checkpoint: Path, small_real_images) -
         images = small_real_images.clone().requires_grad_(True)
         purifier(images).sum().backward()
         assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_the_centre_hole_is_never_rounded_away(checkpoint: Path) -> None:
+    tiny = torch.rand(1, 3, 2, 2)
+    out = create_purifier("context-encoder", weights=str(checkpoint))(tiny)
+    assert out.shape == tiny.shape and not torch.equal(out, tiny)  # one pixel inpainted
+    big = create_purifier("context-encoder", weights=str(checkpoint), size=4096)
+    assert big(torch.rand(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(ParamError, match="size=56: mode=center needs at least 128"):
+        create_purifier("context-encoder", weights=str(checkpoint), size=56)
 
 
 def test_bad_parameters_and_weights(tmp_path: Path, monkeypatch) -> None:

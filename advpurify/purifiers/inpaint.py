@@ -33,7 +33,7 @@ from advpurify.models.context_encoder import (
     ContextEncoder,
     load_generator,
 )
-from advpurify.purifiers.base import Purifier, Settings, register, setting
+from advpurify.purifiers.base import ParamError, Purifier, Settings, register, setting
 from advpurify.runtime.installed import CHOICES as BACKEND_CHOICES
 
 HOLE = HOLE_END - HOLE_START  # 56
@@ -60,12 +60,12 @@ def center_view(height: int, width: int, size: int = FINE_SIZE) -> tuple[int, in
 def hole_box(height: int, width: int, size: int = FINE_SIZE) -> tuple[int, int, int, int]:
     """The hole [36:92] of the central 128 x 128 crop, in native pixels: y0, y1, x0, x1."""
     h, w, top, left = center_view(height, width, size)
-    return (
-        round((top + HOLE_START) * height / h),
-        round((top + HOLE_END) * height / h),
-        round((left + HOLE_START) * width / w),
-        round((left + HOLE_END) * width / w),
-    )
+    y0 = min(round((top + HOLE_START) * height / h), height - 1)
+    x0 = min(round((left + HOLE_START) * width / w), width - 1)
+    # At least one native pixel: a small image (or a large working size) rounds the hole away.
+    y1 = max(round((top + HOLE_END) * height / h), y0 + 1)
+    x1 = max(round((left + HOLE_END) * width / w), x0 + 1)
+    return y0, y1, x0, x1
 
 
 def grid_starts(length: int, stride: int) -> torch.Tensor:
@@ -106,6 +106,13 @@ class ContextEncoderSettings(Settings):
     backend: str = setting(
         "torch", "where the generator runs (engine backends)", choices=BACKEND_CHOICES
     )
+
+    def validate(self) -> None:
+        if self.mode == "center" and self.size < FINE_SIZE:  # its 128 x 128 crop must fit
+            raise ParamError(
+                f"parameter size={self.size}: mode=center needs at least {FINE_SIZE} "
+                f"(below, only mode=tiled, down to {HOLE})"
+            )
 
 
 @register
