@@ -204,3 +204,9 @@ def test_load_image_refuses_folders_and_non_finite_pixels_and_keeps_the_range(tm
     cv2.imwrite(str(tmp_path / "dark.pgm"), dark)
     cv2.imwrite(str(tmp_path / "dark.png"), dark)
     assert torch.equal(load_image(tmp_path / "dark.pgm"), load_image(tmp_path / "dark.png"))
+
+
+@pytest.mark.parametrize("setting", ["lr", "reg_noise_std"])
+def test_dip_values_that_would_overflow_are_refused_up_front(setting):
+    with pytest.raises(ParamError, match=f"parameter {setting}=1e\\+308: must be <= 10"):
+        advpurify.create_purifier("dip", **{setting: 1e308})

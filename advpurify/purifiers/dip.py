@@ -146,9 +146,10 @@ class DipOptions(Settings):
         None, "number of scales (sides padded to multiples of 2^scales)", min=1, max=8
     )
     input_depth: int | None = setting(None, "channels of the noise input z", min=1)
-    lr: float | None = setting(None, "Adam learning rate", min=0.0)
+    # Upper bounds far above any useful value, below float overflow inside Adam and the noise.
+    lr: float | None = setting(None, "Adam learning rate", min=0.0, max=10.0)
     reg_noise_std: float | None = setting(
-        None, "std of the noise added to z at every step", min=0.0
+        None, "std of the noise added to z at every step", min=0.0, max=10.0
     )
     ema: float | None = setting(
         None, "exponential averaging of outputs (0: last output)", min=0.0, max=0.9999
