@@ -248,12 +248,17 @@ def check_writable_file(path: Path | str, what: str = "output file") -> None:
 
 
 def settings_changes(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """``"name: old -> new"`` for every setting of ``wanted`` that ``stored`` records otherwise."""
-    return [
-        f"{key}: {stored.get(key)!r} -> {wanted[key]!r}"
-        for key in wanted
-        if stored.get(key) != wanted[key]
-    ]
+    """``"name: old -> new"`` for every setting of ``wanted`` that ``stored`` records otherwise;
+    nested settings by their dotted name (``params.lr``), not as two whole dictionaries."""
+    changes = []
+    for key in wanted:
+        old, new = stored.get(key), wanted[key]
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            changes += [f"{key}.{change}" for change in settings_changes(old, new)]
+            changes += [f"{key}.{k}: {old[k]!r} -> (none)" for k in old if k not in new]
+        elif old != new:
+            changes.append(f"{key}: {old!r} -> {new!r}")
+    return changes
 
 
 def refuse_other_settings(

@@ -114,7 +114,7 @@ def test_resume_skips_done_work_and_refuses_other_settings(
     again = run_pipeline(folder, out, create_purifier("bitdepth"))
     assert (again.done, again.skipped) == (0, first.done)
     assert _outputs(out) == digest
-    with pytest.raises(AdvpurifyError, match="other settings.*bits"):
+    with pytest.raises(AdvpurifyError, match=r"other settings \(params.bits: 3 -> 5\)"):
         run_pipeline(folder, out, create_purifier("bitdepth", bits=5))
     redo = run_pipeline(
         folder, out, create_purifier("bitdepth", bits=5), PipelineOptions(overwrite=True)
