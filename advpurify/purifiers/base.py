@@ -264,7 +264,7 @@ def check_images(images: torch.Tensor) -> None:
         low, high = (float(v) for v in torch.aminmax(images.detach()))
         if not (0.0 <= low and high <= 1.0):
             raise ValueError(
-                f"images must hold values in [0, 1]: found {low:g} to {high:g} "
+                f"images must hold values in [0, 1]: found {low:.9g} to {high:.9g} "
                 "(NaN or inf, or normalised images?)"
             )
 
