@@ -18,15 +18,21 @@ def _interrupted_while_starting(signum: int, frame: object) -> None:
     os._exit(130)
 
 
+def _on_interrupt_while_starting() -> None:
+    # Only where Ctrl-C would raise: a job started with it ignored (``cmd &``) keeps ignoring it.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
 def main() -> None:
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    _on_interrupt_while_starting()
     from advpurify.cli import main as run
 
     run()
 
 
 def purify_batch_main() -> None:
-    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    _on_interrupt_while_starting()
     from advpurify.cli import purify_batch_main as run
 
     run()

@@ -252,13 +252,18 @@ def settings_changes(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> li
     nested settings by their dotted name (``params.lr``), not as two whole dictionaries."""
     changes = []
     for key in wanted:
-        old, new = stored.get(key), wanted[key]
+        old, new = stored.get(key, _MISSING), wanted[key]
         if isinstance(old, Mapping) and isinstance(new, Mapping):
             changes += [f"{key}.{change}" for change in settings_changes(old, new)]
             changes += [f"{key}.{k}: {old[k]!r} -> (none)" for k in old if k not in new]
+        elif old is _MISSING:
+            changes.append(f"{key}: (none) -> {new!r}")
         elif old != new:
             changes.append(f"{key}: {old!r} -> {new!r}")
     return changes
+
+
+_MISSING = object()  # a setting the stored record lacks, told apart from one stored as None
 
 
 def refuse_other_settings(

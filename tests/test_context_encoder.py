@@ -256,9 +256,10 @@ def test_cuda_matches_cpu(checkpoint: Path, small_real_images) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     for mode in ("center", "tiled"):
-        on_cpu = create_purifier("context-encoder", mode=mode, weights=str(checkpoint), size=64)
+        size = 64 if mode == "tiled" else 128  # the centre's crop is 128 x 128
+        on_cpu = create_purifier("context-encoder", mode=mode, weights=str(checkpoint), size=size)
         on_gpu = create_purifier(
-            "context-encoder", mode=mode, weights=str(checkpoint), size=64, device="cuda"
+            "context-encoder", mode=mode, weights=str(checkpoint), size=size, device="cuda"
         )
         out = on_gpu(small_real_images.cuda())
         assert out.device.type == "cuda"

@@ -352,7 +352,7 @@ def test_random_weights_are_the_same_network_every_time():
         ),
         ("export test-tiny -o {tmp}/x.onnx --triton-max-batch 8", "--triton-max-batch goes with"),
         ("bench --method rescale --plot {tmp}/x.txt", "name a .png file"),
-        ("bench --method rescale --weights nope", "--weights goes with --classifier"),
+        ("bench --method rescale --weights nope", "--weights FILE goes with --classifier"),
     ],
 )
 def test_export_and_bench_refuse_bad_options_before_any_work(tmp_path, args, message):

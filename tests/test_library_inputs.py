@@ -67,6 +67,7 @@ def test_image_seeds_keep_their_values_and_never_collide_for_other_run_seeds():
     assert len(seeds) == 5 and max(seeds) < 2**64
     with pytest.raises(TypeError, match="key: str"):
         image_seed(0, b"a.jpg")
+    assert image_seed(np.int64(7), "a.jpg") == image_seed(7, "a.jpg")  # numpy ints, as seeds
 
 
 def test_outputs_are_contiguous():
@@ -84,6 +85,7 @@ def test_outputs_are_contiguous():
         ([2**64, 2], "is outside"),
         ([1], "1 seeds for a batch of 2 images"),
         (torch.tensor(5), "expected a sequence of integers"),
+        (np.array(5), "expected a sequence of integers"),
         ({7: 1, 8: 2}, "expected a sequence of integers"),
     ],
 )

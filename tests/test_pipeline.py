@@ -305,8 +305,18 @@ def test_ctrl_c_while_the_program_starts_is_one_line(tmp_path):
         text=True,
         env=env,
     )
-    time.sleep(0.4)  # the entry point runs first; torch takes longer than this to import
+    time.sleep(0.25)  # the entry point runs first; torch takes far longer to import
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert (process.returncode, stderr) == (130, "interrupted\n")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_setting_added_as_none_is_a_change_never_silently_equal():
+    from advpurify.files import settings_changes
+
+    stored = {"params": {"lr": 0.01}}
+    assert settings_changes(stored, {"params": {"lr": 0.01, "new": None}}) == [
+        "params.new: (none) -> None"
+    ]
+    assert settings_changes(stored, {"params": {"lr": 0.01}}) == []

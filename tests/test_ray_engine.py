@@ -228,10 +228,13 @@ def test_actors_no_node_could_hold_are_refused_not_waited_for() -> None:
     from advpurify.pipeline.ray_engine import check_resources
 
     two_cpus = {"CPU": 2.0, "memory": 1e9}
-    check_resources(two_cpus, RayOptions(cpus_per_worker=2))
-    with pytest.raises(AdvpurifyError, match="--cpus-per-worker 4: this machine's Ray has 2 CPUs"):
-        check_resources(two_cpus, RayOptions(cpus_per_worker=4))
-    with pytest.raises(AdvpurifyError, match="--gpus-per-worker 1: .* has 0 GPUs"):
+    check_resources(two_cpus, RayOptions(cpus_per_worker=1))
+    check_resources(two_cpus, RayOptions(cpus_per_worker=0.5, concurrency=2))
+    # The read and write tasks need a CPU of their own: these would wait forever.
+    for options in (RayOptions(cpus_per_worker=2), RayOptions(concurrency=2)):
+        with pytest.raises(AdvpurifyError, match="has 2 CPUs and the run's read and write"):
+            check_resources(two_cpus, options)
+    with pytest.raises(AdvpurifyError, match="--gpus-per-worker 1 x --concurrency 1: .* 0 GPUs"):
         check_resources(two_cpus, RayOptions(gpus_per_worker=1))
 
 

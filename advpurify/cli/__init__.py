@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 
 import typer
 
@@ -57,8 +56,10 @@ def _run(make_app) -> None:
     # A command owns its process (and the Ray workers it starts inherit the environment):
     # CPU fits may tune its heap (advpurify/heap.py) unless the user said otherwise.
     os.environ.setdefault(heap.ENV, heap.ON)
-    if threading.current_thread() is threading.main_thread():
-        # Ctrl-C raises again (the console scripts exit at once while the imports run).
+    # Ctrl-C raises again once the command runs: the console scripts' own handler (exit at
+    # once while the imports run) is replaced; an ignored Ctrl-C stays ignored.
+    handler = signal.getsignal(signal.SIGINT)
+    if getattr(handler, "__name__", "") == "_interrupted_while_starting":
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         refuse_empty_arguments(sys.argv[1:])

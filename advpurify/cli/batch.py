@@ -129,7 +129,9 @@ def _first_interrupt_stops(stop: threading.Event) -> Iterator[None]:
         stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    # Signals go to the main thread only; a job started with Ctrl-C ignored keeps ignoring it.
     main = threading.current_thread() is threading.main_thread()
+    main = main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
     previous = signal.getsignal(signal.SIGINT) if main else None
     if main:
         signal.signal(signal.SIGINT, handler)

@@ -292,8 +292,8 @@ def _bench_methods(
         raise AdvpurifyError("--method takes one --backend (of --classifier) and one --precision")
     if backend and classifier is None:
         raise AdvpurifyError("--backend goes with --classifier when timing methods")
-    if weights is not None and classifier is None:
-        raise AdvpurifyError("--weights goes with --classifier when timing methods")
+    if weights not in (None, "random") and classifier is None:  # random: every model's
+        raise AdvpurifyError("--weights FILE goes with --classifier when timing methods")
     if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
         raise AdvpurifyError(f"--plot {plot}: name a {', '.join(PLOT_SUFFIXES)} file")
     for path, option in ((json_file, "--json file"), (plot, "--plot file")):

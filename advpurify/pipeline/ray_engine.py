@@ -154,18 +154,22 @@ def connect(address: str) -> bool:
 
 
 def check_resources(cluster: dict[str, float], ray_options: RayOptions) -> None:
-    """Refuse actors that no node of the local Ray started here can hold: Ray would wait for
-    them forever. (A cluster joined with --ray-address may autoscale: it is left to Ray.)"""
-    for option, key, wanted in (
-        ("--cpus-per-worker", "CPU", ray_options.cpus_per_worker),
-        ("--gpus-per-worker", "GPU", ray_options.gpus_per_worker),
-    ):
-        have = cluster.get(key, 0.0)
-        if wanted > have:
-            raise AdvpurifyError(
-                f"{option} {wanted:g}: this machine's Ray has {have:g} {key}s in all, so no "
-                "purifier actor could ever start"
-            )
+    """Refuse purifier actors that the local Ray started here cannot all hold beside the run's
+    read and write tasks (one CPU): Ray would wait for them forever. (A cluster joined with
+    --ray-address may autoscale: it is left to Ray.)"""
+    n = ray_options.concurrency
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if n * ray_options.cpus_per_worker > cpus - 1:
+        raise AdvpurifyError(
+            f"--cpus-per-worker {ray_options.cpus_per_worker:g} x --concurrency {n}: this "
+            f"machine's Ray has {cpus:g} CPUs and the run's read and write tasks need one, so "
+            "the purifier actors could never all start; ask for fewer"
+        )
+    if n * ray_options.gpus_per_worker > gpus:
+        raise AdvpurifyError(
+            f"--gpus-per-worker {ray_options.gpus_per_worker:g} x --concurrency {n}: this "
+            f"machine's Ray has {gpus:g} GPUs, so the purifier actors could never all start"
+        )
 
 
 def check_shared_folders(plan: RunPlan) -> None:

@@ -276,7 +276,7 @@ SEED_LIMIT = 2**64
 def check_seeds(seeds: Sequence[int], n: int) -> list[int]:
     """``seeds`` as a list of ``n`` plain ints, each an integer (no bool, float or str) in
     ``0 .. 2**64 - 1``."""
-    zero_dim = isinstance(seeds, torch.Tensor) and seeds.ndim == 0
+    zero_dim = getattr(seeds, "ndim", None) == 0  # a 0-d tensor or array is one number
     if (
         isinstance(seeds, str | bytes | Mapping | Set)
         or not isinstance(seeds, Iterable)
@@ -302,8 +302,12 @@ def check_seeds(seeds: Sequence[int], n: int) -> list[int]:
 def image_seed(base_seed: int, key: str) -> int:
     """A per-image seed from the run's seed (0..2**64-1, as a generator takes) and the image's
     relative path: stable across runs, and distinct for distinct run seeds."""
-    if isinstance(base_seed, bool) or not isinstance(base_seed, int) or not isinstance(key, str):
+    if isinstance(base_seed, bool) or not isinstance(key, str):
         raise TypeError(f"image_seed(base_seed: int, key: str), not ({base_seed!r}, {key!r})")
+    try:
+        base_seed = operator.index(base_seed)  # ints, numpy ints, integer tensors
+    except TypeError:
+        raise TypeError(f"image_seed: base seed {base_seed!r} is not an integer") from None
     if not 0 <= base_seed < 2**64:
         raise ValueError(f"seed {base_seed}: must be in 0..2**64-1")
     low = (zlib.crc32(key.encode("utf-8", "surrogateescape")) ^ (base_seed * 0x9E3779B1)) & (

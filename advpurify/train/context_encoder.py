@@ -78,12 +78,19 @@ class TrainConfig:
 SAMPLE_STREAM = {"seed": "--seed", "batch_size": "--batch-size", "min_crop": "--min-crop"}
 
 
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _refuse_another_sample_stream(
     output: Path, stored: dict[str, str], config: TrainConfig
 ) -> None:
     for field, option in SAMPLE_STREAM.items():
-        now = str(getattr(config, field))
-        if field in stored and stored[field] != now:
+        now = getattr(config, field)
+        if field in stored and _number(stored[field]) != now:  # stored as text: "1" is 1.0
             raise TrainError(
                 f"{output}: trained with {option} {stored[field]}, not {now}: --resume "
                 "continues a run with its own samples (use another -o for a new run)"
