@@ -249,6 +249,19 @@ def test_cli_refuses_bad_arguments_before_any_work(sample_copy: Path, tmp_path: 
         [str(sample_copy), "-m", "rescale", "-p", "speed=1", "-o", str(tmp_path / "c")],
         [str(sample_copy), "-m", "rescale", "--batch-size", "0", "-o", str(tmp_path / "d")],
         [str(sample_copy), "-m", "rescale", "--shard", "3/2", "-o", str(tmp_path / "e")],
+        # --quality would be ignored by lossless png: refused, not silently dropped
+        [str(sample_copy), "-m", "rescale", "--quality", "50", "-o", str(tmp_path / "g")],
+        [
+            str(sample_copy),
+            "-m",
+            "rescale",
+            "--format",
+            "jpg",
+            "--quality",
+            "0",
+            "-o",
+            str(tmp_path / "h"),
+        ],
     ]
     if not torch.cuda.is_available():
         bad.append(

@@ -59,7 +59,7 @@ def batch(
         min(4, os.cpu_count() or 2), help="Reader threads and writer threads, each."
     ),
     fmt: str = typer.Option("png", "--format", help="png (lossless), jpg or webp."),
-    quality: int = typer.Option(95, help="Quality for jpg and webp."),
+    quality: int | None = typer.Option(None, help="Quality for jpg and webp, 1-100 [default: 95]."),
     seed: int = typer.Option(0, help="Seed of stochastic methods (per image, stable)."),
     overwrite: bool = typer.Option(False, help="Redo outputs that exist, even with new settings."),
     shard: str = typer.Option("0/1", help="Process shard i of n (i/n): for many machines."),

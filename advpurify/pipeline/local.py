@@ -201,7 +201,7 @@ class LocalRunner:
                 with self._late_lock:
                     self.late_untouched += 1
                 return
-            data = encode_image(image, self.options.fmt, self.options.quality, item.profile)
+            data = encode_image(image, self.options.fmt, self.options.encode_quality, item.profile)
             atomic_write_bytes(item.target, data, root=self.recorder.plan.output_dir)
             seconds = round(time.perf_counter() - item.started, 4)
             self.recorder.report(Record(str(item.source), str(item.target), "done", seconds))

@@ -66,12 +66,15 @@ class Shard:
         return cls(index, count)
 
 
+DEFAULT_QUALITY = 95
+
+
 @dataclasses.dataclass
 class PipelineOptions:
     batch_size: int = 16
     workers: int = 2
     fmt: str = "png"
-    quality: int = 95
+    quality: int | None = None  # jpg and webp only; None is DEFAULT_QUALITY
     seed: int = 0
     overwrite: bool = False
     shard: Shard = Shard()
@@ -88,13 +91,20 @@ class PipelineOptions:
             raise AdvpurifyError(f"--workers {self.workers}: must be at least 1")
         if self.fmt not in OUTPUT_FORMATS:
             raise AdvpurifyError(f"--format {self.fmt!r}: use one of {', '.join(OUTPUT_FORMATS)}")
-        if not 1 <= self.quality <= 100:
-            raise AdvpurifyError(f"--quality {self.quality}: must be in 1..100")
+        if self.quality is not None:
+            if self.fmt == "png":
+                raise AdvpurifyError("--quality: applies to jpg and webp only (png is lossless)")
+            if not 1 <= self.quality <= 100:
+                raise AdvpurifyError(f"--quality {self.quality}: must be in 1..100")
         check_background(self.background)
         check_max_pixels(self.max_image_pixels)
         if self.pixel_budget < 1:
             raise AdvpurifyError(f"--pixel-budget {self.pixel_budget}: must be at least 1")
         checks.seed("--seed", self.seed)
+
+    @property
+    def encode_quality(self) -> int:
+        return DEFAULT_QUALITY if self.quality is None else self.quality
 
     @property
     def read_ahead(self) -> int:
@@ -231,7 +241,7 @@ def run_config(purifier: Purifier, options: PipelineOptions) -> dict[str, Any]:
     config = {
         **purifier.config(),
         "format": options.fmt,
-        "quality": options.quality if options.fmt != "png" else None,
+        "quality": options.encode_quality if options.fmt != "png" else None,
         "seed": options.seed,
         "background": options.background,
     }

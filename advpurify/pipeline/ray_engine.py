@@ -378,7 +378,7 @@ def _dataset(ray, plan: RunPlan, ray_options: RayOptions, device: str, todo: lis
                 _write,
                 fn_kwargs={
                     "fmt": options.fmt,
-                    "quality": options.quality,
+                    "quality": options.encode_quality,
                     "root": str(plan.output_dir),
                 },
                 compute=tasks,
