@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from advpurify.attacks import eot_seeds, loss_gradient
+from advpurify.errors import AdvpurifyError
 from advpurify.models.skipnet import SkipConfig, SkipNet, reflect_pad_slices, upsample2x
 from advpurify.purifiers import ParamError, create_purifier
 from advpurify.purifiers.dip import PRESETS, DipSettings, fit, pad_to_multiple
@@ -252,3 +254,24 @@ def test_cuda_deterministic_and_on_device(small_real_images: torch.Tensor) -> No
     out = purifier(images, seeds=[1, 2])
     assert out.is_cuda and out.shape == images.shape
     assert torch.equal(out, purifier(images, seeds=[1, 2]))
+
+
+def test_a_run_records_the_fit_it_runs_not_how_it_was_asked_for(tmp_path: Path) -> None:
+    from advpurify.pipeline.plan import PipelineOptions, prepare_run_file, run_config
+
+    options = PipelineOptions()
+    tiny_config = run_config(create_purifier("dip", preset="tiny"), options)
+    # The preset's own value given again, or another scheduling of the networks: the same fit.
+    same = create_purifier("dip", preset="tiny", channels=8, parallel=2)
+    assert run_config(same, options) == tiny_config
+    assert tiny_config["params"]["channels"] == PRESETS["tiny"]["channels"]
+    prepare_run_file(tmp_path, tiny_config, overwrite=False)
+    prepare_run_file(tmp_path, run_config(same, options), overwrite=False)  # resumes
+    for other, change in [
+        ({"channels": 16}, "params.channels: 8 -> 16"),
+        ({"conv": "grouped"}, "params.conv: 'auto' -> 'grouped'"),
+        ({"preset": "fast"}, "params.iterations: 100 -> 550"),
+    ]:
+        changed = run_config(create_purifier("dip", **{"preset": "tiny", **other}), options)
+        with pytest.raises(AdvpurifyError, match=re.escape(change)):
+            prepare_run_file(tmp_path, changed, overwrite=False)

@@ -130,6 +130,12 @@ class DipSettings:
         return SkipConfig.uniform(self.scales, self.channels, self.skip_channels, self.input_depth)
 
 
+def _by_preset(name: str, help: str) -> str:
+    """``help`` with the value each preset gives ``name`` (the setting's default is None)."""
+    values = ", ".join(f"{preset} {values[name]:.4g}" for preset, values in PRESETS.items())
+    return f"{help}; by preset: {values}"
+
+
 @dataclasses.dataclass(frozen=True)
 class DipOptions(Settings):
     """The purifier's settings: a preset, and the values that override it (None: the preset's)."""
@@ -139,20 +145,37 @@ class DipOptions(Settings):
         "fast (2 CPU cores), paper (3000 its, 128 ch) or tiny (adaptive attacks, tests)",
         choices=tuple(PRESETS),
     )
-    iterations: int | None = setting(None, "fitting steps (maximum for stop=variance)", min=1)
-    channels: int | None = setting(None, "channels of every down and up block", min=1)
-    skip_channels: int | None = setting(None, "channels of every skip connection", min=0)
-    scales: int | None = setting(
-        None, "number of scales (sides padded to multiples of 2^scales)", min=1, max=8
+    iterations: int | None = setting(
+        None, _by_preset("iterations", "fitting steps (maximum for stop=variance)"), min=1
     )
-    input_depth: int | None = setting(None, "channels of the noise input z", min=1)
+    channels: int | None = setting(
+        None, _by_preset("channels", "channels of every down and up block"), min=1
+    )
+    skip_channels: int | None = setting(
+        None, _by_preset("skip_channels", "channels of every skip connection"), min=0
+    )
+    scales: int | None = setting(
+        None,
+        _by_preset("scales", "number of scales (sides padded to multiples of 2^scales)"),
+        min=1,
+        max=8,
+    )
+    input_depth: int | None = setting(
+        None, _by_preset("input_depth", "channels of the noise input z"), min=1
+    )
     # Upper bounds far above any useful value, below float overflow inside Adam and the noise.
-    lr: float | None = setting(None, "Adam learning rate", min=0.0, max=10.0)
+    lr: float | None = setting(None, _by_preset("lr", "Adam learning rate"), min=0.0, max=10.0)
     reg_noise_std: float | None = setting(
-        None, "std of the noise added to z at every step", min=0.0, max=10.0
+        None,
+        _by_preset("reg_noise_std", "std of the noise added to z at every step"),
+        min=0.0,
+        max=10.0,
     )
     ema: float | None = setting(
-        None, "exponential averaging of outputs (0: last output)", min=0.0, max=0.9999
+        None,
+        _by_preset("ema", "exponential averaging of outputs (0: last output)"),
+        min=0.0,
+        max=0.9999,
     )
     stop: str = setting("fixed", "fixed count, or running variance of outputs", choices=STOP_RULES)
     window: int = setting(50, "stop=variance: outputs in the running variance", min=2)
@@ -511,3 +534,11 @@ class DeepImagePrior(Purifier):
 
     def purify(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         return fit(images, seeds, self.settings.resolve()).images
+
+    def config(self) -> dict[str, Any]:
+        # The values the fit runs with, not the overrides: `-p channels=8` on `tiny` (already
+        # 8) is the same fit. `parallel` only schedules the networks; on the CPU it changes no
+        # bit (split convolutions), and elsewhere no more than the batch size does.
+        params = dataclasses.asdict(self.settings.resolve())
+        del params["parallel"]
+        return {"method": self.name, "params": {"preset": self.settings.preset, **params}}
