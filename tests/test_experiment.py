@@ -615,6 +615,18 @@ def test_eval_follows_the_attack_labels_through_a_purify_batch_copy(
     assert result.exit_code == 0, result.output
     assert json.loads(summary.read_text())["label_source"] == "attack-manifest:clean-prediction"
 
+    # A sub-folder of either run is labelled by its run's manifest, one level up.
+    from advpurify.evaluation.accuracy import check_eval_inputs
+    from advpurify.evaluation.labels import resolve_labels
+
+    everything = sorted((moved / "purified").rglob("*.png"))
+    whole = resolve_labels(everything, moved / "purified")
+    chelsea = whole.indices[everything.index(moved / "purified" / "sub" / "chelsea.png")]
+    for run in ("adv", "purified"):
+        root, paths = check_eval_inputs(moved / run / "sub")
+        labels = resolve_labels(paths, root)
+        assert (labels.indices, labels.source) == ([chelsea], whole.source)
+
     # An output whose input is no longer in the attack's manifest: said, not guessed.
     records = (moved / "adv" / "manifest.jsonl").read_text().splitlines()
     kept = [line for line in records if "chelsea" not in line]

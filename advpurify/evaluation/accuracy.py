@@ -16,9 +16,8 @@ from advpurify.evaluation.dataset import Failure, list_images, load_dataset, rel
 from advpurify.evaluation.labels import (
     SOURCE_CLEAN,
     LabelError,
-    attack_manifest_labels,
     label_from_path,
-    purified_copy_labels,
+    manifest_labels,
     resolve_labels,
 )
 from advpurify.files import atomic_output, atomic_write_bytes
@@ -139,8 +138,7 @@ def check_eval_inputs(
         raise LabelError(f"--reference {reference}: no such file or folder")
     if labels_csv is None and reference is None:
         if all(label_from_path(path, root) is None for path in paths):
-            followed = attack_manifest_labels(root) or purified_copy_labels(paths, root)
-            if followed is None:
+            if manifest_labels(paths, root) is None:
                 raise LabelError(_NO_LABELS.format(root=root))
     return root, paths
 

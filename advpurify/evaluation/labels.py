@@ -11,6 +11,7 @@
 - For a ``purify-batch`` output folder of an attack's outputs: the label of the image each
   output was made from (its ``manifest.jsonl`` maps inputs to outputs), from the attack's
   manifest, so ``attack`` -> ``purify-batch`` -> ``eval`` keeps the attack's labels.
+- Either manifest also labels a sub-folder of its run (the nearest manifest above decides).
 - None of these: the caller uses the classifier's clean prediction as a pseudo-label and
   reports "agreement with clean prediction" rather than accuracy.
 """
@@ -22,7 +23,7 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from advpurify.errors import AdvpurifyError
 from advpurify.models.imagenet import NUM_CLASSES, WNID_PATTERN, wnid_to_index
@@ -151,13 +152,9 @@ def resolve_labels(
     missing = [path for path, index in zip(paths, found, strict=True) if index is None]
     if not missing:
         return Labels(found, SOURCE_PATH)
-    attacked = attack_manifest_labels(root) if attack_manifest else None
-    if attacked is not None:  # the attack's record covers the names without a WordNet id
-        table, source = attacked
-        return Labels(_from_table(paths, root, table, str(root / ATTACK_MANIFEST)), source)
-    followed = purified_copy_labels(paths, root) if attack_manifest else None
-    if followed is not None:
-        return followed
+    recorded = manifest_labels(paths, root) if attack_manifest else None
+    if recorded is not None:  # the attack's record covers the names without a WordNet id
+        return recorded
     if len(missing) == len(paths):
         return Labels([None] * len(paths), SOURCE_CLEAN)
     raise LabelError(
@@ -166,17 +163,61 @@ def resolve_labels(
     )
 
 
+def manifest_labels(paths: Sequence[Path], root: Path) -> Labels | None:
+    """Labels from the manifest of the run that wrote ``root`` or the folder holding it (an
+    ``advpurify attack``, or a ``purify-batch`` of one); None where there is none.
+
+    The nearest folder with a manifest decides, so ``eval ADV/cats`` reads ``ADV``'s."""
+    found = _enclosing_manifest_folder(root)
+    if found is None:
+        return None
+    folder, prefix = found
+    attacked = attack_manifest_labels(folder)
+    if attacked is not None:
+        table, source = attacked
+        where = str(folder / ATTACK_MANIFEST)
+        return Labels(_from_table(paths, root, table, where, prefix), source)
+    return purified_copy_labels(paths, folder, _RootedAt(root, prefix))
+
+
+def _enclosing_manifest_folder(root: Path) -> tuple[Path, PurePosixPath] | None:
+    """The nearest of ``root`` and its parents with a ``manifest.jsonl``, and ``root``'s path
+    inside it."""
+    root = Path(root)
+    start = Path(os.path.abspath(root))
+    for folder in (start, *start.parents):
+        if (folder / ATTACK_MANIFEST).is_file():
+            prefix = PurePosixPath(start.relative_to(folder).as_posix())
+            return (root, prefix) if folder == start else (folder, prefix)
+    return None
+
+
+@dataclass(frozen=True)
+class _RootedAt:
+    """Paths below ``root``, which lies at ``prefix`` inside the folder a manifest describes."""
+
+    root: Path
+    prefix: PurePosixPath = PurePosixPath(".")
+
+    def relative(self, path: Path) -> str:
+        return (self.prefix / _relative(path, self.root)).as_posix()
+
+
 def _from_table(
-    paths: Sequence[Path], root: Path, table: dict[str, int], where: str
+    paths: Sequence[Path],
+    root: Path,
+    table: dict[str, int],
+    where: str,
+    prefix: PurePosixPath = PurePosixPath("."),
 ) -> list[int | None]:
     """Each path's label by its path relative to ``root`` (or as given, or by its file name
-    where that is unambiguous)."""
+    where that is unambiguous); ``prefix`` is where ``root`` lies in the table's folder."""
     by_name: dict[str, list[int]] = {}
     for key, index in table.items():
         by_name.setdefault(Path(key).name, []).append(index)
     indices: list[int | None] = []
     for path in paths:
-        rel = _relative(path, root)
+        rel = _RootedAt(root, prefix).relative(path)
         index = table.get(rel, table.get(str(path)))
         if index is None and len(by_name.get(path.name, [])) == 1:
             index = by_name[path.name][0]
@@ -224,10 +265,14 @@ def attack_manifest_labels(root: Path) -> tuple[dict[str, int], str] | None:
     return table, f"{SOURCE_ATTACK}:{SOURCE_CLEAN}" if clean else SOURCE_ATTACK
 
 
-def purified_copy_labels(paths: Sequence[Path], root: Path) -> Labels | None:
+def purified_copy_labels(
+    paths: Sequence[Path], root: Path, below: _RootedAt | None = None
+) -> Labels | None:
     """Labels for the outputs of a ``purify-batch`` run in ``root``: each output's input, as
     its ``manifest.jsonl`` records it, labelled by the attack manifest in the batch's input
-    folder. None where ``root`` is no such run, or its inputs are no attack's outputs."""
+    folder. None where ``root`` is no such run, or its inputs are no attack's outputs.
+    ``below``: the paths lie in a sub-folder of ``root`` (default: directly in ``root``)."""
+    below = below or _RootedAt(Path(root))
     manifest = Path(root) / ATTACK_MANIFEST
     if not (Path(root) / BATCH_RUN_FILE).is_file() or not manifest.is_file():
         return None
@@ -254,7 +299,7 @@ def purified_copy_labels(paths: Sequence[Path], root: Path) -> Labels | None:
     found: list[tuple[int, str] | None] = []
     attacks: dict[Path, tuple[dict[str, int], str] | None] = {}  # each folder's read once
     for path in paths:
-        rel = Path(_relative(path, root))
+        rel = Path(below.relative(path))
         pair = inputs.get(rel.parts)
         if pair is None:
             found.append(None)
@@ -266,7 +311,7 @@ def purified_copy_labels(paths: Sequence[Path], root: Path) -> Labels | None:
     if len(known) < len(found):
         missing = paths[found.index(None)]
         raise LabelError(
-            f"{manifest}: no label for {_relative(missing, root)} from the images it was "
+            f"{manifest}: no label for {below.relative(missing)} from the images it was "
             "purified from; give --labels FILE.csv or --reference"
         )
     clean = any(is_pseudo_source(source) for _, source in known)
