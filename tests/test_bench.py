@@ -222,6 +222,8 @@ def test_cli_bench_methods_json_shape_and_plot(tmp_path):
          "--iterations", "4", "--warmup", "1", "--json", str(out), "--plot", str(plot)],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    # Off a terminal the table is as wide as it needs: no figure cut to "…" at 80 columns.
+    assert "peak MB" in result.stdout and "…" not in result.stdout
     payload = json.loads(out.read_text())
     machine = payload["machine"]
     assert machine["cpu"] and machine["torch_threads"] >= 1 and machine["versions"]["torch"]

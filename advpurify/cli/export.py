@@ -282,10 +282,10 @@ def _bench_methods(
     methods, param, device, size, classifier, backend, batch_size, precision, weights, warmup,
     iterations, fit_steps, extrapolate, random, threads, json_file, plot,
 ) -> None:  # fmt: skip
-    from rich.console import Console
     from rich.table import Table
 
     from advpurify.cli.settings import parse_method_params
+    from advpurify.cli.tables import print_table
     from advpurify.export.bench import bench_methods, plot_methods, write_json
 
     if len(backend) > 1 or len(precision) > 1:
@@ -340,7 +340,7 @@ def _bench_methods(
             r.label, r.device, str(r.batch_size), str(r.size), r.describe_steps(),
             f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.images_per_s:.2f}", f"{r.peak_mb:.0f}",
         )  # fmt: skip
-    Console().print(table)
+    print_table(table)
     if any(r.fit_steps for r in results):
         how = "extrapolated linearly to the configured count" if extrapolate else "as timed"
         _note(f"dip/ppgn: {fit_steps} fitting steps per timed call, figures {how}")
@@ -359,6 +359,7 @@ def _bench_models(
     from rich.console import Console
     from rich.table import Table
 
+    from advpurify.cli.tables import print_table
     from advpurify.export.bench import bench, bench_eval, write_json
 
     for size in [*batch_size, eval_batch_size]:
@@ -400,7 +401,7 @@ def _bench_models(
             f"{r.p95_ms:.1f}",
             f"{r.images_per_s:.1f}",
         )
-    console.print(table)
+    print_table(table, console)
     payload: list[dict] = [r.to_json() for r in results]
     if eval_folder is not None:
         figure = bench_eval(
