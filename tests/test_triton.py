@@ -160,3 +160,19 @@ def test_cli(tmp_path):
     again = runner.invoke(app, [*args, "--classifier", "triton-tiny", "--check-count", "2"])
     assert again.exit_code == 0, again.output
     assert [p.name for p in tmp_path.iterdir()] == ["advpurify_bitdepth_triton_tiny"]
+    # Another setting under a name of its own stays beside the first.
+    named = runner.invoke(
+        app, [*args, "--classifier", "triton-tiny", "--check-count", "2", "-p", "bits=3",
+              "--triton-name", "bitdepth3_tiny"],
+    )  # fmt: skip
+    assert named.exit_code == 0, named.output
+    assert parse_config(tmp_path / "bitdepth3_tiny" / "config.pbtxt").name == "bitdepth3_tiny"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "advpurify_bitdepth_triton_tiny", "bitdepth3_tiny"
+    ]  # fmt: skip
+    for bad in ("../up", ".hidden", "a b", ""):
+        refused = runner.invoke(app, [*args, "--classifier", "triton-tiny", "--triton-name", bad])
+        assert refused.exit_code == 1 and "--triton-name" in refused.stderr, refused.output
+    alone = runner.invoke(app, ["export", "triton-tiny", "--triton-name", "x"])
+    assert alone.exit_code == 1 and "--triton-name" in alone.stderr, alone.output
+    assert len(list(tmp_path.iterdir())) == 2

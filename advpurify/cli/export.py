@@ -74,7 +74,9 @@ def _refuse_unused(ctx: typer.Context, triton: bool, fused: bool) -> None:
     """An option the export would not use is refused, never silently ignored."""
     unused = []
     if not triton:
-        unused += _given(ctx, "triton_layout", "triton_max_batch", "triton_batch_wait_ms")
+        unused += _given(
+            ctx, "triton_layout", "triton_max_batch", "triton_batch_wait_ms", "triton_name"
+        )
     if not fused and not triton:
         unused += _given(ctx, "size")
     if unused:
@@ -115,6 +117,10 @@ def export_command(
     ),
     triton_max_batch: int = typer.Option(32, help="Triton's max_batch_size."),
     triton_batch_wait_ms: float = typer.Option(5.0, help="Triton's dynamic batching delay (ms)."),
+    triton_name: str | None = typer.Option(
+        None,
+        help="Model name (default advpurify_METHOD_CLASSIFIER); one per setting keeps several.",
+    ),
 ) -> None:
     """Export a network (preprocessing inside, [0, 1] RGB in) to ONNX or a TensorRT engine.
 
@@ -139,6 +145,7 @@ def export_command(
             layout=triton_layout,
             max_batch=triton_max_batch,
             batch_wait_ms=triton_batch_wait_ms,
+            name=triton_name,
             opset=opset,
             fp16=fp16,
             fixed_batch=_parse_batch(batch),

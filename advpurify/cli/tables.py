@@ -6,7 +6,6 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-
 _WIDEST = 1000  # columns: any real table is narrower; measuring needs a bound
 
 

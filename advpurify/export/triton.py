@@ -79,6 +79,9 @@ class TritonRepo:
         return out
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9_]{1,100}")
+
+
 def model_name(purifier: str, classifier: str) -> str:
     """``rescale`` + ``efficientnet-lite0`` -> ``advpurify_rescale_efficientnet_lite0``."""
     return re.sub(r"[^A-Za-z0-9_]", "_", f"advpurify_{purifier}_{classifier}")
@@ -206,11 +209,18 @@ def write_triton_repo(
     fp16: bool = False,
     check_images: Path | None = None,
     check_count: int = 16,
+    name: str | None = None,
     notify: Callable[[str], None] = lambda _m: None,
 ) -> TritonRepo:
-    """Write (or replace) the models for ``purifier`` + ``classifier`` in repository ``repo``."""
+    """Write (or replace) the models for ``purifier`` + ``classifier`` in repository ``repo``,
+    called ``name`` (default ``model_name(purifier, classifier)``; give one per setting to keep
+    several settings of one pair side by side)."""
     if layout not in LAYOUTS:
         raise AdvpurifyError(f"--triton-layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    if name is not None and not MODEL_NAME.fullmatch(name):
+        raise AdvpurifyError(
+            f"--triton-name {name!r}: use 1-100 letters, digits and _ (a Triton model folder)"
+        )
     if max_batch < 1:
         raise AdvpurifyError(f"--triton-max-batch {max_batch}: must be at least 1")
     if not 0 <= batch_wait_ms <= 10_000:  # as serve's --batch-wait-ms; Triton takes no negative
@@ -228,7 +238,7 @@ def write_triton_repo(
     if repo.exists() and not repo.is_dir():
         raise AdvpurifyError(f"--triton-repo {repo}: exists and is not a folder")
     repo.mkdir(parents=True, exist_ok=True)
-    name = model_name(purifier, classifier)
+    name = name or model_name(purifier, classifier)
     options = _Options(
         params=params,
         weights=weights,
