@@ -60,6 +60,20 @@ class AttackConfig:
         if self.eot < 1:
             raise AttackError(f"eot={self.eot}: must be >= 1")
         if name == "fgsm":
+            # One step of size eps: other values would be ignored, so they are refused.
+            given = [
+                option
+                for option, value, own in (
+                    ("steps", self.steps, 1),
+                    ("step size", self.step_size, eps),
+                    ("random start", self.random_start, False),
+                )
+                if value is not None and value != own
+            ]
+            if given:
+                raise AttackError(
+                    f"fgsm is one step of size eps: {', '.join(given)} apply to ifgsm and pgd"
+                )
             steps, step_size, random_start = 1, eps, False
         elif name == "ifgsm":
             # Kurakin et al. 2017: alpha = 1/255, min(eps + 4, 1.25 eps) iterations.

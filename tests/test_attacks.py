@@ -103,6 +103,8 @@ def test_targeted_attack_reaches_its_target(lite0, correct_subset):
         (AttackConfig("pgd", 8, eot=0), "eot"),
         (AttackConfig("pgd", 8, steps=0), "steps=0: must be >= 1"),  # not the default 10
         (AttackConfig("ifgsm", 8, steps=0), "steps=0: must be >= 1"),
+        (AttackConfig("fgsm", 8, steps=5), "fgsm is one step of size eps: steps apply"),
+        (AttackConfig("fgsm", 8, step_size=3, random_start=True), "step size, random start"),
     ],
 )
 def test_bad_attack_settings(config, match):
@@ -112,6 +114,7 @@ def test_bad_attack_settings(config, match):
 
 def test_attack_defaults():
     assert AttackConfig("fgsm", 16).resolved().steps == 1
+    assert AttackConfig("fgsm", 16).resolved().resolved() == AttackConfig("fgsm", 16).resolved()
     ifgsm = AttackConfig("ifgsm", 16).resolved()
     assert (ifgsm.steps, ifgsm.step_size, ifgsm.random_start) == (20, 1.0, False)
     pgd = AttackConfig("pgd", 8).resolved()

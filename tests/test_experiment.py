@@ -319,6 +319,55 @@ def test_stage_keeps_images_apart_when_names_differ_only_by_extension(tmp_path):
     assert written == ["cat.jpg.png", "cat.png.png", "sub/dog.png"]
 
 
+def test_a_stage_never_mixes_with_or_clears_files_it_did_not_write(tmp_path):
+    from advpurify.evaluation.stages import Stage, StageMismatchError
+
+    def compute(indices):
+        return torch.zeros(len(indices), 3, 4, 4)
+
+    foreign = tmp_path / "attack-output"
+    foreign.mkdir()
+    (foreign / "manifest.jsonl").write_text("{}\n")
+    for overwrite in (False, True):
+        with pytest.raises(StageMismatchError, match="e.g. manifest.jsonl"):
+            Stage(foreign, {"method": "x"}, overwrite=overwrite)
+    assert [p.name for p in foreign.iterdir()] == ["manifest.jsonl"]
+
+    stage = tmp_path / "stage"
+    Stage(stage, {"method": "x"}).run(["a.png"], compute, batch_size=1)
+    (stage / "notes.txt").write_text("mine")
+    (stage / "nested").mkdir()
+    (stage / "nested" / "config.json").write_text("{}")  # e.g. an adaptive stage's purified
+    # Other settings with overwrite: the stage's own files go, the user's stay.
+    Stage(stage, {"method": "y"}, overwrite=True).run(["b.png"], compute, batch_size=1)
+    assert sorted(p.name for p in stage.iterdir()) == [
+        "config.json", "images", "nested", "notes.txt", "timing.json"
+    ]  # fmt: skip
+    assert [p.name for p in (stage / "images").iterdir()] == ["b.png"]
+    assert (stage / "notes.txt").read_text() == "mine"
+
+
+def test_experiment_refuses_an_attack_folder_and_options_it_would_not_use(tmp_path, photo_dir):
+    adv = tmp_path / "adv"
+    adv.mkdir()
+    (adv / "manifest.jsonl").write_text("")
+    before = sorted(p.name for p in photo_dir.iterdir())
+    for args, message in [
+        (["-o", adv], "holds an attack's or a purify-batch run's outputs (manifest.jsonl)"),
+        (["-o", photo_dir / "report"], "is inside the input folder"),
+        (["-o", tmp_path / "r", "--eot", "3"], "--eot goes with --adaptive"),
+        (["-o", tmp_path / "r", "--adaptive-n", "3"], "--adaptive-n goes with --adaptive"),
+        (["-o", tmp_path / "r", "--methods", "jpeg,,bitdepth"], "an empty name between commas"),
+        (["-o", tmp_path / "r", "--steps", "5"], "fgsm is one step of size eps: steps"),
+    ]:
+        result = invoke("experiment", "--data", photo_dir, *args, *LITE0)
+        assert result.exit_code == 1 and message in result.stderr, (args, result.output)
+    # Refused before anything was written, the input folder included (no write probe there).
+    assert sorted(p.name for p in photo_dir.iterdir()) == before
+    assert [p.name for p in adv.iterdir()] == ["manifest.jsonl"]
+    assert not (tmp_path / "r").exists()
+
+
 def test_attack_and_eval_keep_inputs_apart_that_differ_only_by_extension(tmp_path, sample_paths):
     data = tmp_path / "in"
     data.mkdir()

@@ -244,6 +244,20 @@ def test_a_control_file_that_is_a_folder_is_refused_up_front(tmp_path: Path, nam
             )
 
 
+def test_an_attack_output_folder_is_refused_as_a_batch_output(tmp_path: Path) -> None:
+    src, out = tmp_path / "in", tmp_path / "adv"
+    src.mkdir()
+    out.mkdir()
+    (src / "a.png").write_bytes(_png())
+    (out / MANIFEST).write_text('{"status": "done", "name": "x.png", "label": 3}\n')
+    for overwrite in (False, True):
+        with pytest.raises(AdvpurifyError, match=r"holds an attack's outputs \(manifest"):
+            run_pipeline(
+                src, out, create_purifier("bitdepth"), PipelineOptions(overwrite=overwrite)
+            )
+    assert [p.name for p in out.iterdir()] == [MANIFEST]
+
+
 def test_symlinks_in_the_output_are_never_written_through(tmp_path: Path) -> None:
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 import typer
 
 from advpurify import checks
+from advpurify.cli.options import given
+from advpurify.errors import AdvpurifyError
 from advpurify.files import check_writable_file, check_writable_folder
 
 # The rest was done but some files could not be read: as purify-batch (1 is a refused command).
@@ -166,6 +168,7 @@ def eval_command(
 
 
 def experiment_command(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", help="Folder of images (recursive)."),
     output: Path = typer.Option(..., "--output", "-o", help="Report folder (reused on rerun)."),
     classifier: str = typer.Option("googlenet", "--classifier", "-c", help=CLASSIFIER_HELP),
@@ -194,7 +197,12 @@ def experiment_command(
     """Clean, adversarial, and each method on both: the whole results table in one command."""
     from advpurify.attacks import AttackConfig
     from advpurify.cli.settings import parse_method_params
-    from advpurify.evaluation.experiment import ExperimentConfig, parse_methods, run_experiment
+    from advpurify.evaluation.experiment import (
+        ExperimentConfig,
+        check_experiment_folders,
+        parse_methods,
+        run_experiment,
+    )
     from advpurify.evaluation.labels import is_pseudo_source
     from advpurify.evaluation.report import markdown_table
 
@@ -206,8 +214,13 @@ def experiment_command(
     checks.at_least("--adaptive-steps", adaptive_steps, 1)
     if adaptive:
         checks.at_least("--eot", eot, 1)
+    else:
+        unused = given(ctx, "adaptive_n", "adaptive_steps", "eot")
+        if unused:
+            raise AdvpurifyError(f"{unused[0]} goes with --adaptive: this run would not use it")
     if limit is not None:
         checks.at_least("--limit", limit, 1)
+    check_experiment_folders(data, output)  # before the probe below writes into the output
     check_writable_folder(output, "report folder")
     config = ExperimentConfig(
         data=data,

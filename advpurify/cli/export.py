@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from advpurify import checks
+from advpurify.cli.options import given
 from advpurify.errors import AdvpurifyError
 from advpurify.files import check_writable_file
 
@@ -63,22 +64,15 @@ def _list_exportable() -> None:
 PLOT_SUFFIXES = (".png",)  # the figure is written as PNG whatever the name says
 
 
-def _given(ctx: typer.Context, *names: str) -> list[str]:
-    """Which of these options the command line set (not left at their defaults)."""
-    # By name: typer may carry its own copy of click's ParameterSource enum.
-    sources = {name: getattr(ctx.get_parameter_source(name), "name", None) for name in names}
-    return ["--" + n.replace("_", "-") for n, s in sources.items() if s not in (None, "DEFAULT")]
-
-
 def _refuse_unused(ctx: typer.Context, triton: bool, fused: bool) -> None:
     """An option the export would not use is refused, never silently ignored."""
     unused = []
     if not triton:
-        unused += _given(
+        unused += given(
             ctx, "triton_layout", "triton_max_batch", "triton_batch_wait_ms", "triton_name"
         )
     if not fused and not triton:
-        unused += _given(ctx, "size")
+        unused += given(ctx, "size")
     if unused:
         goes_with = (
             "--triton-repo" if not triton and unused[0].startswith("--triton") else "--purifier"

@@ -57,12 +57,33 @@ class ExperimentConfig:
 
 def parse_methods(text: str | Iterable[str]) -> list[str]:
     names = text.split(",") if isinstance(text, str) else list(text)
-    methods = [n.strip() for n in names if n.strip()]
+    methods = [n.strip() for n in names]
+    if "" in methods and any(methods):
+        raise ParamError(f"--methods {','.join(methods)}: an empty name between commas")
+    methods = [n for n in methods if n]
     for name in methods:
         purifier_class(name)  # raises for an unknown method, listing the known ones
     if len(set(methods)) != len(methods):
         raise ParamError(f"--methods {','.join(methods)}: a method is named twice")
     return methods
+
+
+# What another command keeps in its output folder: an experiment never writes beside them.
+FOREIGN_RECORDS = {
+    "manifest.jsonl": "an attack's or a purify-batch run's outputs",
+    "run.json": "a purify-batch run",
+}
+
+
+def check_experiment_folders(data: Path, out: Path) -> None:
+    """Before anything is written: images to use, and a report folder outside the data that
+    holds no other command's outputs (its images would be mixed with the experiment's, and
+    ``--overwrite`` would clear them)."""
+    list_images(data)  # an empty or missing folder fails before any loading
+    check_output_outside(data, out)  # stage images must not join the data
+    for name, what in FOREIGN_RECORDS.items():
+        if (Path(out) / name).exists():
+            raise AdvpurifyError(f"report folder {out} holds {what} ({name}); choose another")
 
 
 @dataclass
@@ -138,9 +159,8 @@ class Experiment:
             raise ParamError(f"parameters given for {', '.join(sorted(unknown))}, not in --methods")
         if config.adaptive and config.adaptive_n < 1:
             raise AdvpurifyError(f"--adaptive-n {config.adaptive_n}: must be >= 1")
-        list_images(config.data)  # an empty or missing folder fails before any loading
+        check_experiment_folders(config.data, config.out)
         self.out = Path(config.out)
-        check_output_outside(config.data, self.out)  # stage images must not join the data
         self.rows: dict[str, Row] = {}
         self.predictions: dict[str, torch.Tensor] = {}
         self.purified_grid: dict[str, torch.Tensor] = {}

@@ -24,6 +24,9 @@ from advpurify.evaluation.dataset import to_float, to_uint8
 from advpurify.files import atomic_write_bytes, mirror_names, refuse_other_settings
 from advpurify.images import load_image, save_image
 
+IMAGES = "images"
+OWN_FILES = ("config.json", "sources.json", "timing.json")
+
 
 class StageMismatchError(AdvpurifyError):
     """A report folder holds results of a different configuration."""
@@ -56,15 +59,34 @@ class Stage:
             if stored != self.config:
                 if not overwrite:
                     refuse_other_settings(self.folder, stored, self.config, StageMismatchError)
-                shutil.rmtree(self.folder)
+                self._clear()
+        elif self.folder.is_dir():
+            # Files beside a stage that has no config.json are somebody else's, which its
+            # images would mix with. (Folders stay out of it: a stage writes only into its own
+            # images/, and an adaptive stage holds its purified stage as a sub-folder.)
+            foreign = sorted(
+                p.name for p in self.folder.iterdir() if not p.is_dir() or p.name == IMAGES
+            )
+            if foreign:
+                raise StageMismatchError(
+                    f"{self.folder} holds files no experiment wrote (e.g. {foreign[0]}) and no "
+                    "config.json; choose another report folder"
+                )
         self.folder.mkdir(parents=True, exist_ok=True)
         if not config_path.is_file():
             atomic_write_bytes(config_path, _dump(self.config).encode())
 
+    def _clear(self) -> None:
+        """Remove what this stage wrote (config first: a crash midway leaves no stage that
+        claims the old images); anything else in the folder stays."""
+        for name in OWN_FILES:
+            (self.folder / name).unlink(missing_ok=True)
+        shutil.rmtree(self.folder / IMAGES, ignore_errors=True)
+
     def paths(self, keys: Sequence[str]) -> list[Path]:
         """Each image's PNG, named as ``purify-batch`` names outputs: ``a.jpg`` -> ``a.png``,
         and ``a.jpg.png`` / ``a.png.png`` where ``a.jpg`` and ``a.png`` are both inputs."""
-        return [self.folder / "images" / name for name in mirror_names(keys, ".png")]
+        return [self.folder / IMAGES / name for name in mirror_names(keys, ".png")]
 
     def _made_from(self) -> dict[str, Any]:
         path = self.folder / "sources.json"

@@ -194,6 +194,28 @@ def check_folders(input_dir: Path, output_dir: Path) -> None:
             raise AdvpurifyError(
                 f"{path} is not a file (the run keeps its {name} there); remove it"
             )
+    if not (output_dir / RUN_FILE).is_file() and _labels_images(output_dir / MANIFEST):
+        # An attack's record: this run's would be appended to it, and its outputs mixed with
+        # the adversarial images (which eval would then score together).
+        raise AdvpurifyError(
+            f"output folder {output_dir} holds an attack's outputs ({MANIFEST} with labels); "
+            "choose another folder"
+        )
+
+
+def _labels_images(manifest: Path) -> bool:
+    """Whether ``manifest`` is ``advpurify attack``'s (its records carry labels)."""
+    if not manifest.is_file():
+        return False
+    with open(manifest, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "label" in record:
+                return True
+    return False
 
 
 def output_paths(inputs: list[Path], input_dir: Path, output_dir: Path, fmt: str) -> list[Path]:
