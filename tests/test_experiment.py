@@ -560,6 +560,44 @@ def test_labels_from_an_attack_manifest_follow_their_source_and_refuse_bad_lines
             attack_manifest_labels(root)
 
 
+def test_eval_labels_a_sub_folder_from_the_manifest_above_and_only_what_it_lists(tmp_path):
+    from advpurify.evaluation.labels import SOURCE_CLEAN, LabelError, resolve_labels
+
+    adv = tmp_path / "adv"
+    (adv / "sub").mkdir(parents=True)
+    records = [
+        {"status": "done", "name": "sub/a.png", "label": 3, "label_source": "csv"},
+        {"status": "done", "name": "b.png", "label": 4, "label_source": "csv"},
+    ]
+    (adv / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    a = adv / "sub" / "a.png"
+    a.write_bytes(b"")
+    assert resolve_labels([a], adv / "sub", search_up=True).indices == [3]
+    # attack and experiment read their input folder's own manifest only, as before.
+    assert resolve_labels([a], adv / "sub").source == SOURCE_CLEAN
+    # A file the attack never wrote, named like one it did, is not labelled by its name.
+    stray = adv / "sub" / "b.png"
+    stray.write_bytes(b"")
+    with pytest.raises(LabelError, match="no label for sub/b.png"):
+        resolve_labels([stray], adv / "sub", search_up=True)
+    stray.unlink()
+    # A purify-batch copy of the sub-folder: followed back to the attack's manifest above it.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "run.json").write_text("{}")
+    record = {"status": "done", "input": str(a), "output": str(copy / "a.png")}
+    (copy / "manifest.jsonl").write_text(json.dumps(record) + "\n")
+    (copy / "a.png").write_bytes(b"")
+    followed = resolve_labels([copy / "a.png"], copy, search_up=True)
+    assert (followed.indices, followed.source) == ([3], "attack-manifest")
+    # Another tool's manifest.jsonl above a folder: no labels, as without it.
+    (tmp_path / "ws" / "photos").mkdir(parents=True)
+    (tmp_path / "ws" / "manifest.jsonl").write_text('["dataset-v2", 3]\n')
+    photo = tmp_path / "ws" / "photos" / "x.png"
+    photo.write_bytes(b"")
+    assert resolve_labels([photo], photo.parent, search_up=True).source == SOURCE_CLEAN
+
+
 def test_attack_refuses_a_purify_batch_output_folder(tmp_path, photo_dir):
     out = tmp_path / "purified"
     assert invoke("batch", photo_dir, "-m", "bitdepth", "-o", out, "-q").exit_code == 2
@@ -673,7 +711,7 @@ def test_eval_follows_the_attack_labels_through_a_purify_batch_copy(
     chelsea = whole.indices[everything.index(moved / "purified" / "sub" / "chelsea.png")]
     for run in ("adv", "purified"):
         root, paths = check_eval_inputs(moved / run / "sub")
-        labels = resolve_labels(paths, root)
+        labels = resolve_labels(paths, root, search_up=True)  # as eval reads them
         assert (labels.indices, labels.source) == ([chelsea], whole.source)
 
     # An output whose input is no longer in the attack's manifest: said, not guessed.

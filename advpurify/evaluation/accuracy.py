@@ -138,7 +138,7 @@ def check_eval_inputs(
         raise LabelError(f"--reference {reference}: no such file or folder")
     if labels_csv is None and reference is None:
         if all(label_from_path(path, root) is None for path in paths):
-            if manifest_labels(paths, root) is None:
+            if manifest_labels(paths, root, search_up=True) is None:
                 raise LabelError(_NO_LABELS.format(root=root))
     return root, paths
 
@@ -173,7 +173,9 @@ def evaluate_folder(
     if not result.paths:
         raise AdvpurifyError(f"{root}: no readable images ({len(failures)} failed to decode)")
     # An explicit --reference wins over the labels of an attack's manifest in the folder.
-    labels = resolve_labels(result.paths, root, labels_csv, attack_manifest=reference is None)
+    labels = resolve_labels(
+        result.paths, root, labels_csv, attack_manifest=reference is None, search_up=True
+    )
     logits = result.logits
     check_num_classes(logits, classifier.name)
     predictions = topk_predictions(logits, 5)

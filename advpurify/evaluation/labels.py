@@ -137,9 +137,11 @@ def resolve_labels(
     root: Path,
     labels_csv: Path | None = None,
     attack_manifest: bool = True,
+    search_up: bool = False,
 ) -> Labels:
     """Labels for ``paths`` (all below ``root``): from the CSV, else from the paths, else from
-    an attack's manifest in ``root``, else none.
+    an attack's manifest in ``root`` (or its ``purify-batch`` copy's; with ``search_up``, also
+    in the nearest folder above that has a manifest), else none.
 
     Returns ``source == "clean-prediction"`` with all indices ``None`` when no image carries a
     label; the caller fills them with the clean predictions.
@@ -152,7 +154,7 @@ def resolve_labels(
     missing = [path for path, index in zip(paths, found, strict=True) if index is None]
     if not missing:
         return Labels(found, SOURCE_PATH)
-    recorded = manifest_labels(paths, root) if attack_manifest else None
+    recorded = manifest_labels(paths, root, search_up) if attack_manifest else None
     if recorded is not None:  # the attack's record covers the names without a WordNet id
         return recorded
     if len(missing) == len(paths):
@@ -163,26 +165,38 @@ def resolve_labels(
     )
 
 
-def manifest_labels(paths: Sequence[Path], root: Path) -> Labels | None:
-    """Labels from the manifest of the run that wrote ``root`` or the folder holding it (an
-    ``advpurify attack``, or a ``purify-batch`` of one); None where there is none.
+def manifest_labels(paths: Sequence[Path], root: Path, search_up: bool = False) -> Labels | None:
+    """Labels from the manifest of the run that wrote ``root`` (an ``advpurify attack``, or a
+    ``purify-batch`` of one); None where there is none.
 
-    The nearest folder with a manifest decides, so ``eval ADV/cats`` reads ``ADV``'s."""
-    found = _enclosing_manifest_folder(root)
+    ``search_up``: where ``root`` has no manifest, the nearest folder above that has one
+    decides (``eval ADV/cats`` reads ``ADV``'s). Up there, a manifest that cannot be read as
+    advpurify's counts as none, and an image must be listed under its own path."""
+    root = Path(root)
+    found = _enclosing_manifest_folder(root) if search_up else (root, _HERE)
     if found is None:
         return None
     folder, prefix = found
-    attacked = attack_manifest_labels(folder)
+    above = prefix != _HERE
+    try:
+        attacked = attack_manifest_labels(folder)
+    except LabelError:
+        if above:
+            return None  # another tool's manifest.jsonl
+        raise
     if attacked is not None:
         table, source = attacked
         where = str(folder / ATTACK_MANIFEST)
-        return Labels(_from_table(paths, root, table, where, prefix), source)
-    return purified_copy_labels(paths, folder, _RootedAt(root, prefix))
+        return Labels(_from_table(paths, root, table, where, prefix, by_name=not above), source)
+    return purified_copy_labels(paths, folder, RootedAt(root, prefix))
+
+
+_HERE = PurePosixPath(".")
 
 
 def _enclosing_manifest_folder(root: Path) -> tuple[Path, PurePosixPath] | None:
     """The nearest of ``root`` and its parents with a ``manifest.jsonl``, and ``root``'s path
-    inside it."""
+    inside it (by the path as written: a folder reached through a link is not followed back)."""
     root = Path(root)
     start = Path(os.path.abspath(root))
     for folder in (start, *start.parents):
@@ -193,11 +207,11 @@ def _enclosing_manifest_folder(root: Path) -> tuple[Path, PurePosixPath] | None:
 
 
 @dataclass(frozen=True)
-class _RootedAt:
+class RootedAt:
     """Paths below ``root``, which lies at ``prefix`` inside the folder a manifest describes."""
 
     root: Path
-    prefix: PurePosixPath = PurePosixPath(".")
+    prefix: PurePosixPath = _HERE
 
     def relative(self, path: Path) -> str:
         return (self.prefix / _relative(path, self.root)).as_posix()
@@ -208,19 +222,21 @@ def _from_table(
     root: Path,
     table: dict[str, int],
     where: str,
-    prefix: PurePosixPath = PurePosixPath("."),
+    prefix: PurePosixPath = _HERE,
+    by_name: bool = True,
 ) -> list[int | None]:
-    """Each path's label by its path relative to ``root`` (or as given, or by its file name
-    where that is unambiguous); ``prefix`` is where ``root`` lies in the table's folder."""
-    by_name: dict[str, list[int]] = {}
+    """Each path's label by its path relative to ``root`` (or as given, or, with ``by_name``,
+    by its file name where that is unambiguous); ``prefix`` is where ``root`` lies in the
+    table's folder."""
+    names: dict[str, list[int]] = {}
     for key, index in table.items():
-        by_name.setdefault(Path(key).name, []).append(index)
+        names.setdefault(Path(key).name, []).append(index)
     indices: list[int | None] = []
     for path in paths:
-        rel = _RootedAt(root, prefix).relative(path)
+        rel = RootedAt(root, prefix).relative(path)
         index = table.get(rel, table.get(str(path)))
-        if index is None and len(by_name.get(path.name, [])) == 1:
-            index = by_name[path.name][0]
+        if index is None and by_name and len(names.get(path.name, [])) == 1:
+            index = names[path.name][0]
         if index is None:
             raise LabelError(f"{where}: no label for {rel}")
         indices.append(index)
@@ -266,13 +282,13 @@ def attack_manifest_labels(root: Path) -> tuple[dict[str, int], str] | None:
 
 
 def purified_copy_labels(
-    paths: Sequence[Path], root: Path, below: _RootedAt | None = None
+    paths: Sequence[Path], root: Path, below: RootedAt | None = None
 ) -> Labels | None:
     """Labels for the outputs of a ``purify-batch`` run in ``root``: each output's input, as
     its ``manifest.jsonl`` records it, labelled by the attack manifest in the batch's input
     folder. None where ``root`` is no such run, or its inputs are no attack's outputs.
     ``below``: the paths lie in a sub-folder of ``root`` (default: directly in ``root``)."""
-    below = below or _RootedAt(Path(root))
+    below = below or RootedAt(Path(root))
     manifest = Path(root) / ATTACK_MANIFEST
     if not (Path(root) / BATCH_RUN_FILE).is_file() or not manifest.is_file():
         return None
@@ -325,11 +341,11 @@ def _input_label(
     source: Path,
     rel: Path,
     root: Path,
-    attacks: dict[Path, tuple[dict[str, int], str] | None],
+    attacks: dict[Path, tuple[dict[str, int], str, PurePosixPath] | None],
 ) -> tuple[int, str] | None:
     """The label of the image ``source`` that purify-batch turned into ``root / rel``
-    (``output`` as its manifest wrote it), from the attack manifest in the batch's input
-    folder, and that manifest's label source."""
+    (``output`` as its manifest wrote it), from the attack manifest of the batch's input
+    folder (or of the folder above it that has one), and that manifest's label source."""
     depth = len(rel.parts)
     if len(source.parts) < depth:
         return None
@@ -338,13 +354,29 @@ def _input_label(
     recorded_root, input_root = output.parents[depth - 1], source.parents[depth - 1]
     for candidate in (root / os.path.relpath(input_root, recorded_root), input_root):
         if candidate not in attacks:
-            attacks[candidate] = attack_manifest_labels(candidate) if candidate.is_dir() else None
+            attacks[candidate] = _attack_table_for(candidate)
         attacked = attacks[candidate]
         if attacked is not None:
-            table, attack_source = attacked
-            index = table.get(source.relative_to(input_root).as_posix())
+            table, attack_source, prefix = attacked
+            index = table.get((prefix / source.relative_to(input_root).as_posix()).as_posix())
             return None if index is None else (index, attack_source)
     return None
+
+
+def _attack_table_for(folder: Path) -> tuple[dict[str, int], str, PurePosixPath] | None:
+    """The attack manifest that labels ``folder``'s images, its own or the nearest folder
+    above's, with ``folder``'s path inside that folder."""
+    found = _enclosing_manifest_folder(folder) if folder.is_dir() else None
+    if found is None:
+        return None
+    where, prefix = found
+    try:
+        attacked = attack_manifest_labels(where)
+    except LabelError:
+        if prefix != _HERE:
+            return None  # another tool's manifest.jsonl above
+        raise
+    return None if attacked is None else (*attacked, prefix)
 
 
 def _relative(path: Path, root: Path) -> str:
