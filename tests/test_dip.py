@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 
 from advpurify.attacks import eot_seeds, loss_gradient
 from advpurify.errors import AdvpurifyError
+from advpurify.evaluation.stages import Stage
 from advpurify.models.skipnet import SkipConfig, SkipNet, reflect_pad_slices, upsample2x
 from advpurify.purifiers import ParamError, create_purifier
 from advpurify.purifiers.dip import PRESETS, DipSettings, fit, pad_to_multiple
@@ -267,6 +269,24 @@ def test_a_run_records_the_fit_it_runs_not_how_it_was_asked_for(tmp_path: Path) 
     assert tiny_config["params"]["channels"] == PRESETS["tiny"]["channels"]
     prepare_run_file(tmp_path, tiny_config, overwrite=False)
     prepare_run_file(tmp_path, run_config(same, options), overwrite=False)  # resumes
+    # run.json as the earlier form recorded it (the overrides, None for the preset's, and
+    # parallel): the same fit, so it resumes; another fit in that form is still refused.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    old_params = {name: None for name in ("iterations", "channels", "skip_channels", "scales",
+                  "input_depth", "lr", "reg_noise_std", "ema")}  # fmt: skip
+    old_params.update(preset="tiny", stop="fixed", window=50, patience=100, guard_db=5.0,
+                      parallel=0, conv="auto")  # fmt: skip
+    record = {**tiny_config, "params": old_params, "version": "0.1.0"}
+    (earlier / "run.json").write_text(json.dumps(record))
+    prepare_run_file(earlier, tiny_config, overwrite=False)
+    (earlier / "run.json").write_text(json.dumps({**record, "params": {**old_params, "lr": 0.5}}))
+    with pytest.raises(AdvpurifyError, match=re.escape("params.lr: 0.5 -> 0.01")):
+        prepare_run_file(earlier, tiny_config, overwrite=False)
+    (earlier / "stage").mkdir()
+    (earlier / "stage" / "config.json").write_text(json.dumps({"purifier": record}))
+    Stage(earlier / "stage", {"purifier": {**tiny_config, "version": "0.1.0"}})  # reused
+
     for other, change in [
         ({"channels": 16}, "params.channels: 8 -> 16"),
         ({"conv": "grouped"}, "params.conv: 'auto' -> 'grouped'"),

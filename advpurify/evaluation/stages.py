@@ -23,6 +23,7 @@ from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.dataset import to_float, to_uint8
 from advpurify.files import atomic_write_bytes, mirror_names, refuse_other_settings
 from advpurify.images import load_image, save_image
+from advpurify.purifiers import current_config
 
 IMAGES = "images"
 OWN_FILES = ("config.json", "sources.json", "timing.json")
@@ -55,7 +56,7 @@ class Stage:
         self.config = json.loads(_dump(config))  # normalised: what a reload gives back
         config_path = self.folder / "config.json"
         if config_path.is_file():
-            stored = json.loads(config_path.read_text())
+            stored = current_config(json.loads(config_path.read_text()))
             if stored != self.config:
                 if not overwrite:
                     refuse_other_settings(self.folder, stored, self.config, StageMismatchError)

@@ -37,6 +37,7 @@ from advpurify.images import (
     find_images,
 )
 from advpurify.pipeline.lock import LOCK_FILE, OutputLock
+from advpurify.purifiers import current_config
 from advpurify.purifiers.base import Purifier
 
 MANIFEST = "manifest.jsonl"
@@ -290,6 +291,7 @@ def prepare_run_file(output_dir: Path, config: dict[str, Any], overwrite: bool) 
         except (OSError, ValueError) as error:
             raise AdvpurifyError(f"{run_file}: unreadable ({error}); use --overwrite") from None
         stored = {k: v for k, v in previous.items() if k not in ("version", OVERWRITING)}
+        stored = current_config(stored)  # recorded by an earlier version, in today's form
         refuse_other_settings(output_dir, stored, config)
         if previous.get(OVERWRITING):
             return run_file.stat().st_mtime_ns  # left as it is: the time stays the mark

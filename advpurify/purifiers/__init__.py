@@ -39,6 +39,17 @@ def create_purifier(name: str, device: str | torch.device = "cpu", **settings: A
     return purifier_class(name).from_values(device=device, **settings)
 
 
+def current_config(record: Any) -> Any:
+    """A stored record with every purifier config inside (``{"method": ..., "params": ...}``)
+    in today's form; see :meth:`Purifier.current_params`."""
+    if isinstance(record, dict):
+        record = {key: current_config(value) for key, value in record.items()}
+        method, params = record.get("method"), record.get("params")
+        if isinstance(method, str) and method in PURIFIERS.names() and isinstance(params, dict):
+            record["params"] = purifier_class(method).current_params(params)
+    return record
+
+
 __all__ = [
     "PURIFIERS",
     "ParamError",
@@ -46,6 +57,7 @@ __all__ = [
     "SettingInfo",
     "Settings",
     "create_purifier",
+    "current_config",
     "image_seed",
     "list_purifiers",
     "parse_bool",

@@ -230,6 +230,12 @@ class Purifier:
         """What identifies this purifier's output: its name and every setting's value."""
         return {"method": self.name, "params": self.settings.as_dict()}
 
+    @classmethod
+    def current_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` as an earlier version recorded them in ``config()``, in today's form (so
+        a resume compares like with like); unchanged where the form has not changed."""
+        return params
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings.as_dict().items())
         return f"{type(self).__name__}({args})"

@@ -130,10 +130,10 @@ class DipSettings:
         return SkipConfig.uniform(self.scales, self.channels, self.skip_channels, self.input_depth)
 
 
-def _by_preset(name: str, help: str) -> str:
-    """``help`` with the value each preset gives ``name`` (the setting's default is None)."""
-    values = ", ".join(f"{preset} {values[name]:.4g}" for preset, values in PRESETS.items())
-    return f"{help}; by preset: {values}"
+def _by_preset(name: str, text: str) -> str:
+    """Help ``text`` with the value each preset gives ``name`` (the setting's default is None)."""
+    each = ", ".join(f"{preset} {values[name]:.4g}" for preset, values in PRESETS.items())
+    return f"{text}; by preset: {each}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -536,9 +536,26 @@ class DeepImagePrior(Purifier):
         return fit(images, seeds, self.settings.resolve()).images
 
     def config(self) -> dict[str, Any]:
-        # The values the fit runs with, not the overrides: `-p channels=8` on `tiny` (already
-        # 8) is the same fit. `parallel` only schedules the networks; on the CPU it changes no
-        # bit (split convolutions), and elsewhere no more than the batch size does.
-        params = dataclasses.asdict(self.settings.resolve())
-        del params["parallel"]
-        return {"method": self.name, "params": {"preset": self.settings.preset, **params}}
+        return {"method": self.name, "params": _record(self.settings)}
+
+    @classmethod
+    def current_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        if "parallel" not in params:
+            return params  # today's form
+        # The earlier form: the preset and its overrides (None: the preset's), and parallel.
+        names = {field.name for field in dataclasses.fields(DipOptions)}
+        try:
+            return _record(DipOptions(**{k: v for k, v in params.items() if k in names}))
+        except (TypeError, ValueError):
+            return params  # not a valid record of any version: compared as it is
+
+
+def _record(options: DipOptions) -> dict[str, Any]:
+    """What a run records of ``options``: the values the fit runs with, not the overrides
+    (`-p channels=8` on `tiny`, already 8, is the same fit). `parallel` only schedules the
+    networks: with split convolutions (the CPU's) it changes no bit, and with grouped ones no
+    more than the batch size does. `input_scale` is no setting."""
+    params = dataclasses.asdict(options.resolve())
+    for name in ("parallel", "input_scale"):
+        del params[name]
+    return {"preset": options.preset, **params}
