@@ -16,6 +16,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from advpurify.cli import app
+from advpurify.errors import AdvpurifyError
 from advpurify.export.fused import NotExportableError
 from advpurify.export.triton import write_triton_repo
 from advpurify.models.registry import register_exportable
@@ -137,6 +138,16 @@ def test_ensemble_repository(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
     assert f"replacing model {name} in {tmp_path}" in notes
     assert f"removing model {purifier_name} (the fused layout replaces it)" in notes
+
+    # Named freely, a model may be called like another's part: it is never removed or replaced.
+    write_triton_repo(tmp_path, "rescale", "triton-tiny", size=SIZE, check_count=2,
+                      name="m_purifier")  # fmt: skip
+    write_triton_repo(tmp_path, "rescale", "triton-tiny", size=SIZE, check_count=2, name="m")
+    with pytest.raises(AdvpurifyError, match="m_purifier is another model, not a part of m"):
+        write_triton_repo(
+            tmp_path, "rescale", "triton-tiny", size=SIZE, layout="ensemble", name="m"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", "m_purifier", name])
 
 
 @pytest.mark.parametrize(("method", "reason"), [("jpeg", "JPEG"), ("randpad", "random")])

@@ -239,6 +239,15 @@ def write_triton_repo(
         raise AdvpurifyError(f"--triton-repo {repo}: exists and is not a folder")
     repo.mkdir(parents=True, exist_ok=True)
     name = name or model_name(purifier, classifier)
+    # The parts an ensemble of this name chained before: only those are this pair's to replace.
+    earlier_parts = _ensemble_parts(repo, name)
+    if layout == "ensemble":
+        for part in (f"{name}_purifier", f"{name}_classifier"):
+            if (repo / part).exists() and part not in earlier_parts:
+                raise AdvpurifyError(
+                    f"--triton-name {name}: {repo / part} is another model, not a part of "
+                    f"{name}; choose another name"
+                )
     options = _Options(
         params=params,
         weights=weights,
@@ -261,12 +270,25 @@ def write_triton_repo(
             if (repo / model).exists():
                 notify(f"replacing model {model} in {repo}")
             _replace(staged / model, repo / model)
-    # The other layout's models of this pair would still be loaded by Triton beside the new.
-    for stale in sorted({name, f"{name}_purifier", f"{name}_classifier"} - set(models)):
+    # The earlier ensemble's parts would still be loaded by Triton beside the fused model.
+    for stale in sorted(earlier_parts - set(models)):
         if (repo / stale / "config.pbtxt").is_file():
             notify(f"removing model {stale} (the {layout} layout replaces it)")
             shutil.rmtree(repo / stale)
     return TritonRepo(repo, name, layout, models, reports)
+
+
+def _ensemble_parts(repo: Path, name: str) -> set[str]:
+    """This pair's part models that the ensemble ``name`` in ``repo`` chains (none where there
+    is no such ensemble)."""
+    config = repo / name / "config.pbtxt"
+    if not config.is_file():
+        return set()
+    text = config.read_text(errors="replace")
+    if 'platform: "ensemble"' not in text:
+        return set()
+    chained = set(re.findall(r'model_name: "([^"]+)"', text))
+    return chained & {f"{name}_purifier", f"{name}_classifier"}
 
 
 @dataclasses.dataclass(frozen=True)
