@@ -429,3 +429,20 @@ def test_the_same_pixels_are_prepared_alike_whatever_the_file_format(tmp_path):
     prepare = Preprocess()
     assert prepare._fast(tmp_path / "a.webp") is None  # the exact path, really
     assert torch.equal(prepare(tmp_path / "a.png"), prepare(tmp_path / "a.webp"))
+
+
+def test_a_table_printed_off_a_terminal_is_never_cut():
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from advpurify.cli.tables import print_table
+
+    table = Table()
+    for i in range(12):
+        table.add_column(f"column {i}", no_wrap=True)
+    table.add_row(*[f"{1234.5678 * i:.2f}" for i in range(12)])  # wider than 80 columns
+    out = StringIO()
+    print_table(table, Console(file=out, width=80))
+    assert "…" not in out.getvalue() and "13580.25" in out.getvalue()
