@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import re
 import stat
 import struct
 import zlib
@@ -177,6 +178,7 @@ def decode_image_with_profile(
     check_background(background)
     if not data:
         raise ImageDecodeError(path, "empty file (0 bytes)")
+    allow_pixels(max_pixels)  # Pillow's own refusal (at twice its limit) then means over ours
     try:
         with Image.open(io.BytesIO(data)) as img:
             _check_size(img.size, max_pixels)
@@ -211,7 +213,13 @@ def decode_image_with_profile(
     except _MultiFrame as error:
         raise ImageDecodeError(path, str(error)) from None
     except Image.DecompressionBombError as error:
-        raise ImageDecodeError(path, f"refused: {error}") from None
+        # Pillow's message names its own limit; the size is the part worth keeping.
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{found.group(1)} pixels" if found else "the image"
+        raise ImageDecodeError(
+            path,
+            f"refused: {size} is above the per-image limit of {max_pixels} (--max-image-pixels)",
+        ) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(path, f"corrupt or truncated image data ({error})") from None
     rgb = _composite(array, BACKGROUNDS[background])

@@ -720,3 +720,38 @@ def test_eval_follows_the_attack_labels_through_a_purify_batch_copy(
     (moved / "adv" / "manifest.jsonl").write_text("\n".join(kept) + "\n")
     result = invoke("eval", moved / "purified", *LITE0)
     assert result.exit_code == 1 and "no label for sub/chelsea.png" in result.stderr
+
+
+def test_eval_report_files_stay_outside_and_take_any_file_name(tmp_path, photo_dir):
+    (photo_dir / "broken.jpg").unlink()
+    odd = os.fsdecode(b"caf\xe9.png")  # a name that is not UTF-8
+    (photo_dir / "coffee.png").rename(photo_dir / odd)
+    adv = tmp_path / "adv"
+    assert invoke("attack", photo_dir, "-o", adv, *LITE0, "--eps", "2").exit_code == 0
+    before = sorted(p.name for p in adv.iterdir())
+    (tmp_path / "l.csv").write_text("astronaut.png,3\n")
+    for args, message in [
+        (["--csv", adv / "x.csv"], "is being evaluated; write it elsewhere"),
+        (["--json", adv / "manifest.jsonl"], "is being evaluated; write it elsewhere"),
+        (["--json", tmp_path / "r", "--csv", tmp_path / "r"], "the same file as --json"),
+        (["--labels", tmp_path / "l.csv", "--reference", photo_dir], "give one"),
+    ]:
+        result = invoke("eval", adv, *LITE0, *args)
+        assert result.exit_code == 1 and message in result.stderr, (args, result.output)
+    assert sorted(p.name for p in adv.iterdir()) == before
+    per_image = tmp_path / "per-image.csv"
+    result = invoke("eval", adv, *LITE0, "--csv", per_image)
+    assert result.exit_code == 0, result.output
+    assert b"caf\xe9.png" in per_image.read_bytes()  # the file's own name, as --labels reads it
+
+
+def test_labels_file_of_the_originals_labels_their_outputs(tmp_path):
+    from advpurify.evaluation.labels import LabelError, resolve_labels
+
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("a.jpg,3\nb.jpg,4\nc.jpg,5\nc.webp,6\n")
+    out = tmp_path / "out"
+    paths = [out / "a.jpg.png", out / "b.png"]  # as purify-batch and attack name outputs
+    assert resolve_labels(paths, out, csv_path).indices == [3, 4]
+    with pytest.raises(LabelError, match="c.png could be any of c.jpg, c.webp"):
+        resolve_labels([out / "c.png"], out, csv_path)

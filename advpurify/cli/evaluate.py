@@ -138,9 +138,14 @@ def eval_command(
     batch_size: int = typer.Option(32, min=1),
 ) -> None:
     """Top-1/3/5 accuracy of a classifier on a folder of images."""
-    from advpurify.evaluation.accuracy import check_eval_inputs, evaluate_folder
+    from advpurify.evaluation.accuracy import (
+        check_eval_inputs,
+        check_report_files,
+        evaluate_folder,
+    )
     from advpurify.evaluation.labels import is_pseudo_source
 
+    check_report_files(directory, {"--json": json_path, "--csv": csv_path})
     for path, option in ((json_path, "--json"), (csv_path, "--csv")):
         if path is not None:
             check_writable_file(path, f"{option} file")

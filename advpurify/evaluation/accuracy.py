@@ -19,6 +19,7 @@ from advpurify.evaluation.labels import (
     label_from_path,
     manifest_labels,
     resolve_labels,
+    stem,
 )
 from advpurify.files import atomic_output, atomic_write_bytes
 from advpurify.models.classifiers import LoadedClassifier
@@ -96,7 +97,11 @@ class FolderEvaluation:
         path.parent.mkdir(parents=True, exist_ok=True)
         labels = torch.tensor(self.labels)
         hits = {k: topk_hits(self.predictions, labels, k) for k in TOP_K}
-        with atomic_output(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        # A file name that is not UTF-8 is written as its own bytes, as --labels reads it.
+        with (
+            atomic_output(path) as tmp,
+            tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle,
+        ):
             writer = csv.writer(handle)
             writer.writerow(
                 [
@@ -136,11 +141,31 @@ def check_eval_inputs(
     root, paths = list_images(Path(root))
     if reference is not None and not Path(reference).exists():
         raise LabelError(f"--reference {reference}: no such file or folder")
+    if reference is not None and labels_csv is not None:
+        raise LabelError("--labels and --reference: give one (true labels, or the originals)")
     if labels_csv is None and reference is None:
         if all(label_from_path(path, root) is None for path in paths):
             if manifest_labels(paths, root, search_up=True) is None:
                 raise LabelError(_NO_LABELS.format(root=root))
     return root, paths
+
+
+def check_report_files(root: Path, files: dict[str, Path | None]) -> None:
+    """``--json``/``--csv`` files outside what is evaluated (they would replace an image, or a
+    manifest its labels come from), and not one file twice."""
+    source = Path(root).resolve()
+    seen: dict[Path, str] = {}
+    for option, path in files.items():
+        if path is None:
+            continue
+        target = Path(path).resolve()
+        if target == source or source in target.parents:
+            raise AdvpurifyError(
+                f"{option} {path}: inside {root}, which is being evaluated; write it elsewhere"
+            )
+        if target in seen:
+            raise AdvpurifyError(f"{option} {path}: the same file as {seen[target]}")
+        seen[target] = option
 
 
 _NO_LABELS = (
@@ -159,9 +184,10 @@ def evaluate_folder(
 ) -> FolderEvaluation:
     """Top-1/3/5 of ``classifier`` on every image under ``root`` (a folder or one file).
 
-    Labels come from the CSV or the paths; when neither has them, ``reference`` (the folder of
-    the original images, same relative paths, any extension) supplies pseudo-labels: the
-    classifier's prediction on each original ("agreement with clean prediction").
+    Labels come from the CSV, the paths or a manifest (see ``resolve_labels``); ``reference``
+    (the folder of the original images, same relative paths, any extension), where given,
+    supplies pseudo-labels instead: the classifier's prediction on each original ("agreement
+    with clean prediction").
     """
     root, paths = check_eval_inputs(root, labels_csv, reference)
     # Decoding and resizing overlap with inference (reader threads), so a folder classifies
@@ -172,25 +198,23 @@ def evaluate_folder(
     failures = [Failure(path, reason) for path, reason in result.failures]
     if not result.paths:
         raise AdvpurifyError(f"{root}: no readable images ({len(failures)} failed to decode)")
-    # An explicit --reference wins over the labels of an attack's manifest in the folder.
-    labels = resolve_labels(
-        result.paths, root, labels_csv, attack_manifest=reference is None, search_up=True
-    )
     logits = result.logits
     check_num_classes(logits, classifier.name)
     predictions = topk_predictions(logits, 5)
-    if labels.source == SOURCE_CLEAN:
-        if reference is None:
-            raise LabelError(_NO_LABELS.format(root=root))
+    if reference is not None:  # asked for: wins over labels in the names or a manifest
         keys = [relative_key(path, root) for path in result.paths]
         indices = reference_predictions(keys, Path(reference), classifier, batch_size)
+        source = SOURCE_CLEAN
     else:
-        indices = [int(i) for i in labels.indices]
+        labels = resolve_labels(result.paths, root, labels_csv, search_up=True)
+        if labels.source == SOURCE_CLEAN:
+            raise LabelError(_NO_LABELS.format(root=root))
+        indices, source = [int(i) for i in labels.indices], labels.source
     metrics = topk_accuracy(predictions, torch.tensor(indices))
     return FolderEvaluation(
         root=root,
         classifier=classifier.name,
-        label_source=labels.source,
+        label_source=source,
         metrics=metrics,
         paths=result.paths,
         labels=indices,
@@ -217,25 +241,21 @@ def match_reference(keys: Sequence[str], ref_keys: Sequence[str], reference: Pat
     exact = {key: i for i, key in enumerate(ref_keys)}
     by_stem: dict[str, list[int]] = {}
     for i, key in enumerate(ref_keys):
-        by_stem.setdefault(_stem(key), []).append(i)
+        by_stem.setdefault(stem(key), []).append(i)
     order = []
     for key in keys:
         if key in exact:
             order.append(exact[key])
-        elif _stem(key) in exact:
-            order.append(exact[_stem(key)])
-        elif len(by_stem.get(_stem(key), [])) == 1:
-            order.append(by_stem[_stem(key)][0])
-        elif _stem(key) in by_stem:
-            names = ", ".join(ref_keys[i] for i in by_stem[_stem(key)])
+        elif stem(key) in exact:
+            order.append(exact[stem(key)])
+        elif len(by_stem.get(stem(key), [])) == 1:
+            order.append(by_stem[stem(key)][0])
+        elif stem(key) in by_stem:
+            names = ", ".join(ref_keys[i] for i in by_stem[stem(key)])
             raise LabelError(f"reference {reference}: {key} could be any of {names}")
         else:
             raise LabelError(f"reference {reference}: no image for {key}")
     return order
-
-
-def _stem(key: str) -> str:
-    return key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -490,7 +490,11 @@ def _write_predictions(
     import csv
 
     names = list(predictions)
-    with atomic_output(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+    # A file name that is not UTF-8 is written as its own bytes, as --labels reads it.
+    with (
+        atomic_output(path) as tmp,
+        tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle,
+    ):
         writer = csv.writer(handle)
         writer.writerow(["path", "label", *names])
         for i, key in enumerate(keys):

@@ -229,18 +229,41 @@ def _from_table(
     by its file name where that is unambiguous); ``prefix`` is where ``root`` lies in the
     table's folder."""
     names: dict[str, list[int]] = {}
+    stems: dict[str, list[str]] = {}
     for key, index in table.items():
         names.setdefault(Path(key).name, []).append(index)
+        stems.setdefault(stem(key), []).append(key)
     indices: list[int | None] = []
     for path in paths:
         rel = RootedAt(root, prefix).relative(path)
         index = table.get(rel, table.get(str(path)))
         if index is None and by_name and len(names.get(path.name, [])) == 1:
             index = names[path.name][0]
+        if index is None and by_name:
+            index = _by_stem(rel, table, stems, where)
         if index is None:
             raise LabelError(f"{where}: no label for {rel}")
         indices.append(index)
     return indices
+
+
+def _by_stem(
+    rel: str, table: dict[str, int], stems: dict[str, list[str]], where: str
+) -> int | None:
+    """The label of the image an output was named after: ``a.jpg.png`` -> ``a.jpg`` (as
+    ``purify-batch`` names clashing outputs), else the only key with the same path minus its
+    extension (``a.png`` -> ``a.jpg``); two candidates are refused rather than guessed."""
+    if stem(rel) in table:
+        return table[stem(rel)]
+    candidates = stems.get(stem(rel), [])
+    if len(candidates) > 1:
+        raise LabelError(f"{where}: {rel} could be any of {', '.join(sorted(candidates))}")
+    return table[candidates[0]] if candidates else None
+
+
+def stem(key: str) -> str:
+    """``a/b.jpg`` -> ``a/b``; a name without an extension stays as it is."""
+    return key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
 
 
 def attack_manifest_labels(root: Path) -> tuple[dict[str, int], str] | None:
