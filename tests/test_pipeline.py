@@ -114,6 +114,12 @@ def test_resume_skips_done_work_and_refuses_other_settings(
     again = run_pipeline(folder, out, create_purifier("bitdepth"))
     assert (again.done, again.skipped) == (0, first.done)
     assert _outputs(out) == digest
+    # An input replaced after its output was written (a new attack, same names): made again.
+    changed = sorted(folder.iterdir())[0]
+    later = max(p.stat().st_mtime_ns for p in out.rglob("*")) + 10**9
+    os.utime(changed, ns=(later, later))
+    fresh = run_pipeline(folder, out, create_purifier("bitdepth"))
+    assert (fresh.done, fresh.skipped) == (1, first.done - 1)
     with pytest.raises(AdvpurifyError, match=r"other settings \(params.bits: 3 -> 5\)"):
         run_pipeline(folder, out, create_purifier("bitdepth", bits=5))
     redo = run_pipeline(

@@ -175,7 +175,7 @@ class RunRecorder:
             if folder != root and root not in folder.parents:
                 reason = f"output folder {dst.parent} leads outside {plan.output_dir} (a symlink)"
                 self.report(Record(str(src), None, "failed", reason=reason))
-            elif plan.is_done(dst):
+            elif plan.is_done(dst, src):
                 self.report(Record(str(src), str(dst), "skipped"))
             else:
                 rel = src.relative_to(plan.input_dir).as_posix()

@@ -148,15 +148,22 @@ class RunPlan:
     left_out: list[Path] = dataclasses.field(default_factory=list)
     """Files of the input folder without an image extension (not purified, said so)."""
 
-    def is_done(self, target: Path) -> bool:
-        """Whether ``target`` holds an output of this run's settings (a resume skips it)."""
+    def is_done(self, target: Path, source: Path | None = None) -> bool:
+        """Whether ``target`` holds an output of this run's settings, made from ``source`` as
+        it is now (a resume skips it). An input modified after its output (replaced by a new
+        attack, say) is purified again, as ``make`` would."""
         try:
             info = target.stat()
         except OSError:  # absent, or a name the file system refuses: writing it says why
             return False
         if self.options.overwrite or not stat.S_ISREG(info.st_mode):
             return False  # a folder at the output path is no output: writing it fails alone
-        return self.stale_before is None or info.st_mtime_ns >= self.stale_before
+        if self.stale_before is not None and info.st_mtime_ns < self.stale_before:
+            return False
+        try:
+            return source is None or source.stat().st_mtime_ns <= info.st_mtime_ns
+        except OSError:
+            return False  # an input gone since planning: reading it says why
 
     def finish_overwrite(self) -> None:
         """Every image was redone: older outputs no longer exist, run.json drops the mark.
