@@ -726,9 +726,10 @@ def test_ctrl_c_prints_one_line_and_a_rerun_resumes(tmp_path: Path, full_sample_
     _, err = process.communicate(timeout=120)
     lines = err.decode().strip().splitlines()
     assert process.returncode == 130, err
-    assert len(lines) == 1 and lines[0].startswith("interrupted: ")
-    assert lines[0].endswith(" done, rerun the same command to resume")
-    done = int(lines[0].split()[1])
+    assert len(lines) == 2 and lines[1].startswith("interrupted: "), lines
+    assert lines[0] == "stopping after the batch on the device (Ctrl-C again to stop at once)"
+    assert lines[1].endswith(" done, rerun the same command to resume")
+    done = int(lines[1].split()[1])
     assert 4 <= done < 40 and len(_records(out)) == done
     resumed = subprocess.run(command, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr

@@ -339,3 +339,25 @@ def test_a_setting_added_as_none_is_a_change_never_silently_equal():
         "params.new: (none) -> None"
     ]
     assert settings_changes(stored, {"params": {"lr": 0.01}}) == []
+
+
+def test_ctrl_c_during_a_long_batch_is_heard_at_once_and_twice_stops_at_once(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (32, 32), (120, 60, 30)).save(src / "a.png")
+    out = tmp_path / "out"
+    command = [str(BIN / "purify-batch"), str(src), "-m", "dip", "-o", str(out), "--quiet"]
+    command += ["-p", "preset=tiny", "-p", "iterations=1000000"]  # hours: only Ctrl-C ends it
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "run.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the fit
+    process.send_signal(signal.SIGINT)
+    assert process.stderr is not None
+    assert process.stderr.readline() == "\n"
+    assert process.stderr.readline().startswith("stopping after the batch on the device")
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=60)
+    assert process.returncode == 130 and rest == "interrupted\n"
+    assert not list(out.glob("*.png"))  # nothing half-written

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,6 +129,10 @@ def _first_interrupt_stops(stop: threading.Event) -> Iterator[None]:
     def handler(signum, frame) -> None:
         stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # A DIP or PPGN batch can take minutes: say at once that the stop was heard.
+        sys.stderr.write(
+            "\nstopping after the batch on the device (Ctrl-C again to stop at once)\n"
+        )
 
     # Signals go to the main thread only; a job started with Ctrl-C ignored keeps ignoring it.
     main = threading.current_thread() is threading.main_thread()

@@ -39,6 +39,10 @@ def _guarded(callback):
             return callback(*args, **kwargs)
         except (AdvpurifyError, OSError) as error:
             raise fail(error) from None
+        except KeyboardInterrupt:
+            # typer would turn it into a silent exit 130: say what happened.
+            print("interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
 
     return wrapper
 
