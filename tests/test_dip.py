@@ -59,6 +59,13 @@ def test_paper_preset_and_overrides() -> None:
         create_purifier("dip", preset="slow")
     with pytest.raises(ParamError, match="ema"):
         create_purifier("dip", ema=1.5)
+    # Sizes that could only fail every image (an allocation of exabytes) or never end.
+    for name, value, bound in [
+        ("channels", 10**8, "<= 1024"), ("input_depth", 5000, "<= 1024"),
+        ("iterations", 10**7, "<= 1000000"), ("parallel", 10**6, "<= 4096"),
+    ]:  # fmt: skip
+        with pytest.raises(ParamError, match=f"{name}={value}: must be {bound}$"):
+            create_purifier("dip", **{name: value})
 
 
 def test_skipnet_paper_shape() -> None:

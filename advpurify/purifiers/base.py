@@ -66,9 +66,14 @@ class SettingInfo:
     def describe_range(self) -> str:
         if self.choices is not None:
             return "|".join(self.choices)
-        low = "" if self.min is None else f"{self.min:g}"
-        high = "" if self.max is None else f"{self.max:g}"
+        low = "" if self.min is None else _bound(self.min)
+        high = "" if self.max is None else _bound(self.max)
         return f"[{low}, {high}]" if (low or high) else ""
+
+
+def _bound(value: float) -> str:
+    """A range's end as written: ``1000000``, not ``1e+06``; ``0.9999``, ``1e-06``."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +166,9 @@ def _check_value(info: SettingInfo, value: Any) -> Any:
     if info.choices is not None and value not in info.choices:
         raise ParamError(f"{where}: must be one of {', '.join(info.choices)}")
     if info.min is not None and value < info.min:
-        raise ParamError(f"{where}: must be >= {info.min:g}")
+        raise ParamError(f"{where}: must be >= {_bound(info.min)}")
     if info.max is not None and value > info.max:
-        raise ParamError(f"{where}: must be <= {info.max:g}")
+        raise ParamError(f"{where}: must be <= {_bound(info.max)}")
     return value
 
 

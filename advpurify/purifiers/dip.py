@@ -130,6 +130,13 @@ class DipSettings:
         return SkipConfig.uniform(self.scales, self.channels, self.skip_channels, self.input_depth)
 
 
+# Far above any useful value (the paper's net has 128 channels and 3000 steps), below what
+# fails every image with an allocation error or runs for ever: refused up front instead.
+MAX_WIDTH = 1024
+MAX_STEPS = 1_000_000
+MAX_PARALLEL = 4096
+
+
 def _by_preset(name: str, text: str) -> str:
     """Help ``text`` with the value each preset gives ``name`` (the setting's default is None)."""
     each = ", ".join(f"{preset} {values[name]:.4g}" for preset, values in PRESETS.items())
@@ -146,13 +153,19 @@ class DipOptions(Settings):
         choices=tuple(PRESETS),
     )
     iterations: int | None = setting(
-        None, _by_preset("iterations", "fitting steps (maximum for stop=variance)"), min=1
+        None,
+        _by_preset("iterations", "fitting steps (maximum for stop=variance)"),
+        min=1,
+        max=MAX_STEPS,
     )
     channels: int | None = setting(
-        None, _by_preset("channels", "channels of every down and up block"), min=1
+        None, _by_preset("channels", "channels of every down and up block"), min=1, max=MAX_WIDTH
     )
     skip_channels: int | None = setting(
-        None, _by_preset("skip_channels", "channels of every skip connection"), min=0
+        None,
+        _by_preset("skip_channels", "channels of every skip connection"),
+        min=0,
+        max=MAX_WIDTH,
     )
     scales: int | None = setting(
         None,
@@ -161,7 +174,7 @@ class DipOptions(Settings):
         max=8,
     )
     input_depth: int | None = setting(
-        None, _by_preset("input_depth", "channels of the noise input z"), min=1
+        None, _by_preset("input_depth", "channels of the noise input z"), min=1, max=MAX_WIDTH
     )
     # Upper bounds far above any useful value, below float overflow inside Adam and the noise.
     lr: float | None = setting(None, _by_preset("lr", "Adam learning rate"), min=0.0, max=10.0)
@@ -178,14 +191,18 @@ class DipOptions(Settings):
         max=0.9999,
     )
     stop: str = setting("fixed", "fixed count, or running variance of outputs", choices=STOP_RULES)
-    window: int = setting(50, "stop=variance: outputs in the running variance", min=2)
-    patience: int = setting(100, "stop=variance: steps without a new minimum", min=1)
+    window: int = setting(
+        50, "stop=variance: outputs in the running variance", min=2, max=MAX_STEPS
+    )
+    patience: int = setting(100, "stop=variance: steps without a new minimum", min=1, max=MAX_STEPS)
     guard_db: float = setting(
         5.0,
         "restore the last good weights when the fit PSNR drops by more than this (0: off)",
         min=0.0,
     )
-    parallel: int = setting(0, "networks fitted at once (0: the whole batch)", min=0)
+    parallel: int = setting(
+        0, "networks fitted at once (0: the whole batch)", min=0, max=MAX_PARALLEL
+    )
     conv: str = setting(
         "auto",
         "grouped: one grouped conv for all nets; split: one conv per net; "
