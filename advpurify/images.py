@@ -55,12 +55,16 @@ def find_images(root: Path | str, left_out: list[Path] | None = None) -> list[Pa
     """Image files under ``root``, recursively, in a stable order (sorted relative paths).
 
     Hidden files and folders (a leading dot) are skipped: they include our own temporary files.
-    Other files without an image extension are appended to ``left_out`` when it is given.
+    Other files without an image extension, and folders reached through a symbolic link (not
+    entered: a link may lead into the output, or round in a loop), are appended to
+    ``left_out`` when it is given.
     """
     root = Path(root)
     found: list[Path] = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if left_out is not None:
+            left_out += [Path(folder) / d for d in dirs if os.path.islink(os.path.join(folder, d))]
         for name in files:
             if name.startswith("."):
                 continue

@@ -947,11 +947,23 @@ def test_files_left_out_by_extension_are_counted(tmp_path, monkeypatch, capsys) 
     )
     assert code == 0
     assert "note: 1 files without an image extension left out (e.g. sub/notes.txt)" in err
+    # A folder reached through a link is not entered (it might lead into the output), and said.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "q.png").write_bytes(_png())
+    (src / "linked").symlink_to(elsewhere)
+    code, err = _cli(
+        monkeypatch, capsys, "batch", str(src), "-m", "bitdepth", "-o", str(tmp_path / "o1"), "-q"
+    )
+    assert code == 0
+    assert "note: 1 folders reached through a symbolic link not entered (e.g. linked)" in err
+    (src / "linked").unlink()
     (src / "p.png").unlink()
     code, err = _cli(
         monkeypatch, capsys, "batch", str(src), "-m", "bitdepth", "-o", str(tmp_path / "o2")
     )
-    assert code == 1 and "no image files found (1 other files, e.g. notes.txt)" in err
+    assert code == 1
+    assert "no image files found (1 other files or linked folders, e.g. notes.txt)" in err
     assert ".jfif" in err  # and which extensions count
 
 

@@ -108,17 +108,25 @@ def batch(
         driver_device = resolve_device(device) if engine == "local" else "cpu"
         purifier = create_purifier(method, device=driver_device, **parse_params(method, param))
         plan = plan_run(input_dir, output, purifier, options)
-        if plan.left_out:
-            example = display_name(plan.left_out[0].relative_to(input_dir))
-            err_console.print(
-                f"note: {len(plan.left_out)} files without an image extension left out "
-                f"(e.g. {example})",
-                markup=False,
-                soft_wrap=True,
-            )
+        _note_left_out(plan.left_out, input_dir)
         summary = _run_with_progress(plan, quiet, run, stop)
         _print_summary(summary)
         raise typer.Exit(summary.exit_code)
+
+
+def _note_left_out(left_out: list[Path], input_dir: Path) -> None:
+    folders = [path for path in left_out if path.is_dir()]
+    files = [path for path in left_out if not path.is_dir()]
+    notes = [
+        (files, "files without an image extension left out"),
+        (folders, "folders reached through a symbolic link not entered"),
+    ]
+    for found, what in notes:
+        if found:
+            example = display_name(found[0].relative_to(input_dir))
+            err_console.print(
+                f"note: {len(found)} {what} (e.g. {example})", markup=False, soft_wrap=True
+            )
 
 
 @contextlib.contextmanager

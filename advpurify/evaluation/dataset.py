@@ -77,10 +77,13 @@ def list_images(root: Path) -> tuple[Path, list[Path]]:
         return root.parent, [root]
     if not root.is_dir():
         raise AdvpurifyError(f"{root}: no such file or folder")
-    paths = find_images(root)
+    left_out: list[Path] = []
+    paths = find_images(root, left_out)
     if not paths:
         found_by = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise AdvpurifyError(f"{root}: no images found (looked for {found_by})")
+        linked = [path.name for path in left_out if path.is_dir()]
+        beside = f"; folders reached through a link are not entered: {linked[0]}" if linked else ""
+        raise AdvpurifyError(f"{root}: no images found (looked for {found_by}{beside})")
     return root, paths
 
 

@@ -353,7 +353,10 @@ def plan_run(
     if not inputs:
         others = ""
         if left_out:
-            others = f" ({len(left_out)} other files, e.g. {display_name(left_out[0].name)})"
+            others = (
+                f" ({len(left_out)} other files or linked folders, "
+                f"e.g. {display_name(left_out[0].name)})"
+            )
         raise AdvpurifyError(
             f"input folder {input_dir}: no image files found{others}; "
             f"images are found by extension: {' '.join(sorted(IMAGE_EXTENSIONS))}"
