@@ -262,7 +262,7 @@ def _select_frame(img: Image.Image) -> int:
     if len(pages) > 1:
         raise _MultiFrame(
             f"{len(pages)} frames (an animation or a multi-page {img.format} file): only "
-            "single images are purified; save each frame as a file of its own"
+            "single images are read; save each frame as a file of its own"
         )
     return pages[0]
 

@@ -337,7 +337,7 @@ def test_animations_and_multi_page_files_are_refused_not_cut_to_a_frame(fmt, nam
     frames = [Image.new("RGB", (8, 6), colour) for colour in ("black", "white", "red")]
     buffer = io.BytesIO()
     frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:])
-    with pytest.raises(ImageDecodeError, match="3 frames .* only single images are purified"):
+    with pytest.raises(ImageDecodeError, match="3 frames .* only single images are read"):
         decode_image(buffer.getvalue(), name)
     single = decode_image(_pil_bytes(frames[1], fmt), name)  # one frame: fine
     assert torch.all(single == 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import typer
 from advpurify import checks
 from advpurify.cli.options import given
 from advpurify.errors import AdvpurifyError
-from advpurify.files import check_writable_file, check_writable_folder
+from advpurify.files import check_writable_file, check_writable_folder, display_name
 
 # The rest was done but some files could not be read: as purify-batch (1 is a refused command).
 PARTIAL = 2
@@ -260,10 +259,9 @@ def experiment_command(
         f"{output / 'figures'})"
     )
     if report["failed"]:
-        _err(
-            f"{len(report['failed'])} files could not be read: "
-            + json.dumps([f["path"] for f in report["failed"]][:5])
-        )
+        names = ", ".join(display_name(f["path"]) for f in report["failed"][:5])
+        more = ", ..." if len(report["failed"]) > 5 else ""
+        _err(f"{len(report['failed'])} files could not be read (see report.json): {names}{more}")
         raise typer.Exit(PARTIAL)
 
 

@@ -140,7 +140,7 @@ def iter_batches(
         try:
             return prepare(path)
         except AdvpurifyError as error:
-            return str(error)
+            return getattr(error, "reason", None) or str(error)  # the path is reported beside
 
     window = batch_size * (prefetch + 1)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="decode", initializer=_lower_priority)
