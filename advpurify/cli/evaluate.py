@@ -249,7 +249,11 @@ def experiment_command(
     )
     config.attack.resolved()  # fail on a bad attack or eps before loading anything
     _check_labels(labels)
-    result = run_experiment(config, log=_err)
+    try:
+        result = run_experiment(config, log=_err)
+    except KeyboardInterrupt:
+        _err("interrupted: the images made so far are kept; rerun the same command to resume")
+        raise typer.Exit(130) from None
     report = result.report
     if is_pseudo_source(report["label_source"]):
         print("No labels: numbers are agreement with the clean prediction, not accuracy.")
