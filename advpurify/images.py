@@ -126,7 +126,7 @@ def read_image_file(path: Path | str, max_pixels: int | None = MAX_IMAGE_PIXELS)
             raise ImageDecodeError(
                 path,
                 f"refused: {info.st_size} bytes is more than an image within the per-image "
-                f"limit of {max_pixels} pixels can take (--max-image-pixels)",
+                f"limit of {max_pixels} pixels can take",
             )
         try:
             return handle.read()
@@ -222,7 +222,7 @@ def decode_image_with_profile(
         size = f"{found.group(1)} pixels" if found else "the image"
         raise ImageDecodeError(
             path,
-            f"refused: {size} is above the per-image limit of {max_pixels} (--max-image-pixels)",
+            f"refused: {size} is above the per-image limit of {max_pixels} pixels",
         ) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageDecodeError(path, f"corrupt or truncated image data ({error})") from None
@@ -313,7 +313,7 @@ def _check_size(size: tuple[int, int], max_pixels: int | None) -> None:
     if max_pixels is not None and width * height > max_pixels:
         raise _TooLarge(
             f"{width} x {height} = {width * height} pixels is above the per-image limit of "
-            f"{max_pixels} (--max-image-pixels)"
+            f"{max_pixels} pixels"
         )
 
 

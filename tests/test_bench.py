@@ -183,7 +183,11 @@ def test_iter_batches_keeps_order_and_reports_failures(tmp_path, sample_paths):
     assert kept == [p for p in paths if p != broken]
     assert [b.images.shape[0] for b in batches] == [3, 3, 1]
     failures = [f for b in batches for f in b.failures]
-    assert len(failures) == 1 and failures[0][0] == broken and "broken.jpg" in failures[0][1]
+    assert (
+        len(failures) == 1
+        and failures[0][0] == broken
+        and "not a recognised image" in failures[0][1]
+    )
     result = classify_paths(paths, lambda x: x.mean((2, 3)), Preprocess(64, 56), batch_size=4)
     assert result.logits.shape == (7, 3) and len(result.failures) == 1
 

@@ -287,6 +287,10 @@ def test_a_run_records_the_fit_it_runs_not_how_it_was_asked_for(tmp_path: Path) 
     record = {**tiny_config, "params": old_params, "version": "0.1.0"}
     (earlier / "run.json").write_text(json.dumps(record))
     prepare_run_file(earlier, tiny_config, overwrite=False)
+    # ... and the resolved form that still carried input_scale.
+    resolved = {**tiny_config["params"], "input_scale": 0.1}
+    (earlier / "run.json").write_text(json.dumps({**record, "params": resolved}))
+    prepare_run_file(earlier, tiny_config, overwrite=False)
     (earlier / "run.json").write_text(json.dumps({**record, "params": {**old_params, "lr": 0.5}}))
     with pytest.raises(AdvpurifyError, match=re.escape("params.lr: 0.5 -> 0.01")):
         prepare_run_file(earlier, tiny_config, overwrite=False)

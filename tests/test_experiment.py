@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from advpurify.cli import app
+from advpurify.errors import AdvpurifyError
 from advpurify.images import load_image, save_image
 
 runner = CliRunner()
@@ -731,17 +732,28 @@ def test_eval_report_files_stay_outside_and_take_any_file_name(tmp_path, photo_d
     before = sorted(p.name for p in adv.iterdir())
     (tmp_path / "l.csv").write_text("astronaut.png,3\n")
     for args, message in [
-        (["--csv", adv / "x.csv"], "is being evaluated; write it elsewhere"),
-        (["--json", adv / "manifest.jsonl"], "is being evaluated; write it elsewhere"),
+        (["--csv", adv / "x.csv"], "write it elsewhere"),
+        (["--json", adv / "manifest.jsonl"], "write it elsewhere"),
         (["--json", tmp_path / "r", "--csv", tmp_path / "r"], "the same file as --json"),
         (["--labels", tmp_path / "l.csv", "--reference", photo_dir], "give one"),
     ]:
         result = invoke("eval", adv, *LITE0, *args)
         assert result.exit_code == 1 and message in result.stderr, (args, result.output)
     assert sorted(p.name for p in adv.iterdir()) == before
+    # A sub-folder's labels come from the manifest above it: that, too, is never written.
+    from advpurify.evaluation.accuracy import check_report_files
+
+    (adv / "sub").mkdir()
+    with pytest.raises(AdvpurifyError, match="write it elsewhere"):
+        check_report_files(adv / "sub", {"--json": adv / "manifest.jsonl"})
+    check_report_files(adv / "sub", {"--json": adv / "summary.json"})
     per_image = tmp_path / "per-image.csv"
+    (adv / "linked").symlink_to(photo_dir)  # not entered, and said: the figures cover less
     result = invoke("eval", adv, *LITE0, "--csv", per_image)
     assert result.exit_code == 0, result.output
+    assert "note: 1 folders reached through a symbolic link not entered (e.g. linked)" in (
+        result.stderr
+    )
     assert b"caf\xe9.png" in per_image.read_bytes()  # the file's own name, as --labels reads it
 
 

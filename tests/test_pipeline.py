@@ -114,10 +114,14 @@ def test_resume_skips_done_work_and_refuses_other_settings(
     again = run_pipeline(folder, out, create_purifier("bitdepth"))
     assert (again.done, again.skipped) == (0, first.done)
     assert _outputs(out) == digest
-    # An input replaced after its output was written (a new attack, same names): made again.
-    changed = sorted(folder.iterdir())[0]
-    later = max(p.stat().st_mtime_ns for p in out.rglob("*")) + 10**9
-    os.utime(changed, ns=(later, later))
+    # Inputs copied again (new times, same bytes, as `cp -r` leaves them): nothing is redone.
+    images = find_images(folder)
+    for path in images:
+        os.utime(path, ns=(path.stat().st_mtime_ns + 10**9,) * 2)
+    again = run_pipeline(folder, out, create_purifier("bitdepth"))
+    assert (again.done, again.skipped) == (0, first.done)
+    # An input replaced (a new attack, the same names): made again, and only that one.
+    Image.open(images[1]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(images[0], "PNG")
     fresh = run_pipeline(folder, out, create_purifier("bitdepth"))
     assert (fresh.done, fresh.skipped) == (1, first.done - 1)
     with pytest.raises(AdvpurifyError, match=r"other settings \(params.bits: 3 -> 5\)"):
@@ -359,5 +363,7 @@ def test_ctrl_c_during_a_long_batch_is_heard_at_once_and_twice_stops_at_once(tmp
     assert process.stderr.readline().startswith("stopping after the batch on the device")
     process.send_signal(signal.SIGINT)
     _, rest = process.communicate(timeout=60)
-    assert process.returncode == 130 and rest == "interrupted\n"
+    # At once; or, on a machine so loaded the fit had not begun, at the first stop already.
+    assert process.returncode == 130
+    assert rest == "interrupted\n" or rest.startswith("interrupted: 0 done"), rest
     assert not list(out.glob("*.png"))  # nothing half-written

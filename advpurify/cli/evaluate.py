@@ -149,7 +149,13 @@ def eval_command(
         if path is not None:
             check_writable_file(path, f"{option} file")
     _check_labels(labels)
-    check_eval_inputs(directory, labels, reference)
+    left_out: list[Path] = []
+    check_eval_inputs(directory, labels, reference, left_out)
+    linked = [path for path in left_out if path.is_dir()]
+    if linked:  # not measured: say so, or the figures quietly cover a subset
+        example = display_name(linked[0].relative_to(directory))
+        _err(f"note: {len(linked)} folders reached through a symbolic link not entered "
+             f"(e.g. {example})")  # fmt: skip
     loaded = _load(classifier, backend, device, weights)
     result = evaluate_folder(directory, loaded, labels, batch_size, reference=reference)
     for failure in result.failures:

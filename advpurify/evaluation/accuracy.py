@@ -14,8 +14,11 @@ from advpurify.errors import AdvpurifyError
 from advpurify.evaluation.classify import Preprocess, classify_paths
 from advpurify.evaluation.dataset import Failure, list_images, load_dataset, relative_key
 from advpurify.evaluation.labels import (
+    ATTACK_MANIFEST,
+    BATCH_RUN_FILE,
     SOURCE_CLEAN,
     LabelError,
+    enclosing_manifest_folder,
     label_from_path,
     manifest_labels,
     resolve_labels,
@@ -132,13 +135,16 @@ class FolderEvaluation:
 
 
 def check_eval_inputs(
-    root: Path, labels_csv: Path | None = None, reference: Path | None = None
+    root: Path,
+    labels_csv: Path | None = None,
+    reference: Path | None = None,
+    left_out: list[Path] | None = None,
 ) -> tuple[Path, list[Path]]:
     """What can be checked before a classifier loads: images to evaluate, labels for them
     somewhere (the CSV, the paths, an attack's manifest, directly or through a purify-batch
     run's, or a reference folder). Returns
     ``list_images(root)``."""
-    root, paths = list_images(Path(root))
+    root, paths = list_images(Path(root), left_out)
     if reference is not None and not Path(reference).exists():
         raise LabelError(f"--reference {reference}: no such file or folder")
     if reference is not None and labels_csv is not None:
@@ -154,14 +160,18 @@ def check_report_files(root: Path, files: dict[str, Path | None]) -> None:
     """``--json``/``--csv`` files outside what is evaluated (they would replace an image, or a
     manifest its labels come from), and not one file twice."""
     source = Path(root).resolve()
+    records = set()  # the manifest above a sub-folder, which its labels come from
+    if (found := enclosing_manifest_folder(Path(root))) is not None:
+        records = {(found[0] / name).resolve() for name in (ATTACK_MANIFEST, BATCH_RUN_FILE)}
     seen: dict[Path, str] = {}
     for option, path in files.items():
         if path is None:
             continue
         target = Path(path).resolve()
-        if target == source or source in target.parents:
+        if target == source or source in target.parents or target in records:
             raise AdvpurifyError(
-                f"{option} {path}: inside {root}, which is being evaluated; write it elsewhere"
+                f"{option} {path}: inside {root}, or one of the records eval reads there; "
+                "write it elsewhere"
             )
         if target in seen:
             raise AdvpurifyError(f"{option} {path}: the same file as {seen[target]}")

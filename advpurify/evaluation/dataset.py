@@ -70,14 +70,15 @@ def relative_key(path: Path, root: Path) -> str:
     return rel if rel != "." else path.name
 
 
-def list_images(root: Path) -> tuple[Path, list[Path]]:
-    """``(root, files)``: a folder's images (recursive, sorted) or a single file."""
+def list_images(root: Path, left_out: list[Path] | None = None) -> tuple[Path, list[Path]]:
+    """``(root, files)``: a folder's images (recursive, sorted) or a single file; what was
+    passed over goes to ``left_out`` (see ``find_images``)."""
     root = Path(root)
     if root.is_file():
         return root.parent, [root]
     if not root.is_dir():
         raise AdvpurifyError(f"{root}: no such file or folder")
-    left_out: list[Path] = []
+    left_out = [] if left_out is None else left_out
     paths = find_images(root, left_out)
     if not paths:
         found_by = " ".join(sorted(IMAGE_EXTENSIONS))

@@ -136,7 +136,6 @@ def resolve_labels(
     paths: Sequence[Path],
     root: Path,
     labels_csv: Path | None = None,
-    attack_manifest: bool = True,
     search_up: bool = False,
 ) -> Labels:
     """Labels for ``paths`` (all below ``root``): from the CSV, else from the paths, else from
@@ -154,7 +153,7 @@ def resolve_labels(
     missing = [path for path, index in zip(paths, found, strict=True) if index is None]
     if not missing:
         return Labels(found, SOURCE_PATH)
-    recorded = manifest_labels(paths, root, search_up) if attack_manifest else None
+    recorded = manifest_labels(paths, root, search_up)
     if recorded is not None:  # the attack's record covers the names without a WordNet id
         return recorded
     if len(missing) == len(paths):
@@ -173,7 +172,7 @@ def manifest_labels(paths: Sequence[Path], root: Path, search_up: bool = False) 
     decides (``eval ADV/cats`` reads ``ADV``'s). Up there, a manifest that cannot be read as
     advpurify's counts as none, and an image must be listed under its own path."""
     root = Path(root)
-    found = _enclosing_manifest_folder(root) if search_up else (root, _HERE)
+    found = enclosing_manifest_folder(root) if search_up else (root, _HERE)
     if found is None:
         return None
     folder, prefix = found
@@ -194,7 +193,7 @@ def manifest_labels(paths: Sequence[Path], root: Path, search_up: bool = False) 
 _HERE = PurePosixPath(".")
 
 
-def _enclosing_manifest_folder(root: Path) -> tuple[Path, PurePosixPath] | None:
+def enclosing_manifest_folder(root: Path) -> tuple[Path, PurePosixPath] | None:
     """The nearest of ``root`` and its parents with a ``manifest.jsonl``, and ``root``'s path
     inside it (by the path as written: a folder reached through a link is not followed back)."""
     root = Path(root)
@@ -389,7 +388,7 @@ def _input_label(
 def _attack_table_for(folder: Path) -> tuple[dict[str, int], str, PurePosixPath] | None:
     """The attack manifest that labels ``folder``'s images, its own or the nearest folder
     above's, with ``folder``'s path inside that folder."""
-    found = _enclosing_manifest_folder(folder) if folder.is_dir() else None
+    found = enclosing_manifest_folder(folder) if folder.is_dir() else None
     if found is None:
         return None
     where, prefix = found

@@ -26,7 +26,6 @@ from advpurify.images import load_image, save_image
 from advpurify.purifiers import current_config
 
 IMAGES = "images"
-OWN_FILES = ("config.json", "sources.json", "timing.json")
 
 
 class StageMismatchError(AdvpurifyError):
@@ -78,11 +77,13 @@ class Stage:
             atomic_write_bytes(config_path, _dump(self.config).encode())
 
     def _clear(self) -> None:
-        """Remove what this stage wrote (config first: a crash midway leaves no stage that
-        claims the old images); anything else in the folder stays."""
-        for name in OWN_FILES:
-            (self.folder / name).unlink(missing_ok=True)
+        """Remove what this stage wrote; anything else in the folder stays. The record of what
+        each image was made from goes first (an image without it is made again) and the
+        config last, so a stop midway leaves a stage this check still knows as its own."""
+        (self.folder / "sources.json").unlink(missing_ok=True)
         shutil.rmtree(self.folder / IMAGES, ignore_errors=True)
+        (self.folder / "timing.json").unlink(missing_ok=True)
+        (self.folder / "config.json").unlink(missing_ok=True)
 
     def paths(self, keys: Sequence[str]) -> list[Path]:
         """Each image's PNG, named as ``purify-batch`` names outputs: ``a.jpg`` -> ``a.png``,

@@ -26,7 +26,7 @@ from advpurify.pipeline.manifest import (
     failure_reason,
     is_disk_full,
 )
-from advpurify.pipeline.plan import PipelineOptions, RunPlan, WorkItem
+from advpurify.pipeline.plan import PipelineOptions, RunPlan, WorkItem, source_fingerprint
 from advpurify.purifiers.base import Purifier
 
 
@@ -151,6 +151,7 @@ class LocalRunner:
             item.source, options.background, options.max_image_pixels
         )
         check_encodable(image.shape[-1], image.shape[-2], options.fmt)  # before it is purified
+        item.fingerprint = source_fingerprint(item.source)  # its bytes are in the page cache
         return image
 
     def _collect(self, item: WorkItem, future: Future[torch.Tensor]) -> None:
@@ -204,7 +205,13 @@ class LocalRunner:
             data = encode_image(image, self.options.fmt, self.options.encode_quality, item.profile)
             atomic_write_bytes(item.target, data, root=self.recorder.plan.output_dir)
             seconds = round(time.perf_counter() - item.started, 4)
-            self.recorder.report(Record(str(item.source), str(item.target), "done", seconds))
+            name = item.target.relative_to(self.recorder.plan.output_dir).as_posix()
+            self.recorder.report(
+                Record(
+                    str(item.source), str(item.target), "done", seconds,
+                    name=name, source=item.fingerprint,
+                )
+            )  # fmt: skip
         except Exception as error:  # noqa: BLE001 - one bad write must not stop the run
             if is_disk_full(error):
                 self.recorder.stop(f"disk full writing {item.target} ({error.strerror})")

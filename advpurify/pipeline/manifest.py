@@ -16,10 +16,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from advpurify.errors import AdvpurifyError
 from advpurify.files import display_name
-from advpurify.pipeline.plan import MANIFEST, RunPlan, WorkItem
+from advpurify.pipeline.plan import MANIFEST, RunPlan, WorkItem, source_unchanged
 from advpurify.purifiers.base import image_seed
 
 # A full disk or an exhausted quota: every later write would fail the same way.
@@ -37,6 +38,8 @@ class Record:
     status: str  # done | skipped | failed
     seconds: float = 0.0
     reason: str | None = None
+    name: str | None = None  # a done output's path inside the output folder
+    source: dict[str, Any] | None = None  # what it was made from (source_fingerprint)
 
 
 @dataclasses.dataclass
@@ -127,6 +130,27 @@ class ManifestWriter:
         os.close(self._fd)
 
 
+def recorded_sources(manifest: Path) -> dict[str, dict[str, Any]]:
+    """``{output name: fingerprint of its input}`` from an earlier run's done records (the
+    latest wins; records from before fingerprints were kept have none)."""
+    found: dict[str, dict[str, Any]] = {}
+    try:
+        with open(manifest, encoding="utf-8", errors="surrogateescape") as lines:
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(record, dict) or record.get("status") != "done":
+                    continue
+                name, source = record.get("name"), record.get("source")
+                if isinstance(name, str) and isinstance(source, dict):
+                    found[name] = source
+    except FileNotFoundError:
+        pass
+    return found
+
+
 class RunRecorder:
     """Counts every record into the summary, writes it to the manifest, tells the progress
     callback. Thread-safe (the local engine's writers report from their own threads)."""
@@ -170,12 +194,15 @@ class RunRecorder:
         output whose folder leads out of the output folder (a symlink) fails."""
         plan, todo = self.plan, []
         root = plan.output_dir.resolve()
+        made_from = {} if plan.options.overwrite else recorded_sources(self._manifest.path)
         for src, dst in plan.pairs:
             folder = dst.parent.resolve()
+            recorded = made_from.get(dst.relative_to(plan.output_dir).as_posix())
             if folder != root and root not in folder.parents:
                 reason = f"output folder {dst.parent} leads outside {plan.output_dir} (a symlink)"
                 self.report(Record(str(src), None, "failed", reason=reason))
-            elif plan.is_done(dst, src):
+            elif plan.is_done(dst) and (recorded is None or source_unchanged(src, recorded)):
+                # (An input replaced since its output was made, by a new attack say, is redone.)
                 self.report(Record(str(src), str(dst), "skipped"))
             else:
                 rel = src.relative_to(plan.input_dir).as_posix()

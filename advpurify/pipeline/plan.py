@@ -26,6 +26,7 @@ from advpurify.files import (
     mirror_names,
     refuse_other_settings,
     remove_stale_temporaries,
+    sha256_file,
 )
 from advpurify.images import (
     IMAGE_EXTENSIONS,
@@ -130,6 +131,27 @@ class WorkItem:
     pixels: int | None = None  # from the header, read when the item is admitted
     profile: bytes | None = None  # the input's RGB colour profile, embedded in its output
     started: float = 0.0  # when its read was submitted (the manifest's seconds)
+    fingerprint: dict[str, Any] | None = None  # the input as read (see source_fingerprint)
+
+
+def source_fingerprint(path: Path | str) -> dict[str, Any]:
+    """What an output was made from, for a resume to tell a replaced input: size, time, digest."""
+    info = os.stat(path)
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": sha256_file(path)}
+
+
+def source_unchanged(path: Path, recorded: dict[str, Any]) -> bool:
+    """Whether ``path`` still holds what ``recorded`` fingerprinted. Size and time alike: yes,
+    unread; else the digest decides (a copy that reset the times is still the same input)."""
+    try:
+        info = os.stat(path)
+        if info.st_size != recorded.get("size"):
+            return False
+        if info.st_mtime_ns == recorded.get("mtime_ns"):
+            return True
+        return sha256_file(path) == recorded.get("sha256")
+    except OSError:
+        return False  # gone or unreadable since planning: purifying it says why
 
 
 @dataclasses.dataclass
@@ -148,22 +170,16 @@ class RunPlan:
     left_out: list[Path] = dataclasses.field(default_factory=list)
     """Files of the input folder without an image extension (not purified, said so)."""
 
-    def is_done(self, target: Path, source: Path | None = None) -> bool:
-        """Whether ``target`` holds an output of this run's settings, made from ``source`` as
-        it is now (a resume skips it). An input modified after its output (replaced by a new
-        attack, say) is purified again, as ``make`` would."""
+    def is_done(self, target: Path) -> bool:
+        """Whether ``target`` holds an output of this run's settings (a resume skips it, where
+        its input is unchanged: see ``RunRecorder.pending``)."""
         try:
             info = target.stat()
         except OSError:  # absent, or a name the file system refuses: writing it says why
             return False
         if self.options.overwrite or not stat.S_ISREG(info.st_mode):
             return False  # a folder at the output path is no output: writing it fails alone
-        if self.stale_before is not None and info.st_mtime_ns < self.stale_before:
-            return False
-        try:
-            return source is None or source.stat().st_mtime_ns <= info.st_mtime_ns
-        except OSError:
-            return False  # an input gone since planning: reading it says why
+        return self.stale_before is None or info.st_mtime_ns >= self.stale_before
 
     def finish_overwrite(self) -> None:
         """Every image was redone: older outputs no longer exist, run.json drops the mark.

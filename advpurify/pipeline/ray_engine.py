@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +45,7 @@ from advpurify.images import (
 )
 from advpurify.pipeline.local import execute
 from advpurify.pipeline.manifest import Record, RunRecorder, RunSummary, failure_reason
-from advpurify.pipeline.plan import RUN_FILE, RunPlan
+from advpurify.pipeline.plan import RUN_FILE, RunPlan, source_fingerprint
 from advpurify.purifiers.base import Purifier
 
 Engine = Callable[..., RunSummary]  # engine(plan, on_progress=...) -> summary
@@ -216,8 +218,10 @@ def _decode(row: dict[str, Any], background: str, max_pixels: int, fmt: str) -> 
         row["image"] = image.numpy()
         row["error"] = ""
         row["profile"] = profile or b""  # one type per column: no profile is empty bytes
+        row["fingerprint"] = json.dumps(source_fingerprint(row["source"]))
     except Exception as error:  # noqa: BLE001 - a bad file becomes a record
         row["image"], row["error"], row["profile"] = _NO_IMAGE, failure_reason(error), b""
+        row["fingerprint"] = ""
     return row
 
 
@@ -270,11 +274,26 @@ def _write(row: dict[str, Any], fmt: str, quality: int, root: str) -> dict[str, 
         atomic_write_bytes(target, encode_image(image, fmt, quality, profile), root=root)
     except Exception as error:  # noqa: BLE001 - one bad write must not stop the run
         return _record(source, None, "failed", 0.0, f"write failed: {error}")
-    return _record(source, target, "done", round(time.time() - row["started"], 4), None)
+    seconds = round(time.time() - row["started"], 4)
+    return _record(source, target, "done", seconds, None, row["fingerprint"])
 
 
-def _record(source: str, output: str | None, status: str, seconds: float, reason: str | None):
-    return dict(input=source, output=output, status=status, seconds=seconds, reason=reason)
+def _record(
+    source: str,
+    output: str | None,
+    status: str,
+    seconds: float,
+    reason: str | None,
+    fingerprint: str = "",
+) -> dict[str, Any]:
+    return dict(
+        input=source,
+        output=output,
+        status=status,
+        seconds=seconds,
+        reason=reason,
+        fingerprint=fingerprint,
+    )
 
 
 def execute_ray(
@@ -308,13 +327,18 @@ def execute_ray(
             untouched = len(todo)
             rows = _dataset(ray, plan, ray_options, actor_device, todo).iter_rows() if todo else []
             for row in rows:
+                output = row["output"]
                 recorder.report(
                     Record(
                         input=row["input"],
-                        output=row["output"],
+                        output=output,
                         status=row["status"],
                         seconds=float(row["seconds"]),
                         reason=row["reason"],
+                        name=Path(output).relative_to(plan.output_dir).as_posix()
+                        if output
+                        else None,
+                        source=json.loads(row["fingerprint"]) if row["fingerprint"] else None,
                     )
                 )
                 untouched -= 1

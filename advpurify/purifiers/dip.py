@@ -557,8 +557,8 @@ class DeepImagePrior(Purifier):
 
     @classmethod
     def current_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        if "parallel" not in params:
-            return params  # today's form
+        if "parallel" not in params:  # resolved: today's form, or with input_scale beside
+            return {k: v for k, v in params.items() if k != "input_scale"}
         # The earlier form: the preset and its overrides (None: the preset's), and parallel.
         names = {field.name for field in dataclasses.fields(DipOptions)}
         try:
