@@ -100,6 +100,10 @@ def test_same_bytes_as_the_local_engine(
     assert "empty file" in failed["empty.png"]
     manifest = [json.loads(x) for x in (tmp_path / "ray" / MANIFEST).read_text().splitlines()]
     assert sorted(r["status"] for r in manifest) == ["done"] * 12 + ["failed"] * 2
+    # The same record of what each output was made from as the local engine's (for a resume).
+    local_records = (tmp_path / "local" / MANIFEST).read_text().splitlines()
+    made_from = {r["name"]: r["source"] for r in map(json.loads, local_records) if r["name"]}
+    assert {r["name"]: r["source"] for r in manifest if r["status"] == "done"} == made_from
 
 
 @pytest.mark.slow
