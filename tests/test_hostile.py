@@ -759,14 +759,14 @@ def test_reads_run_a_batch_ahead_while_the_device_works(tmp_path: Path, monkeypa
     for k in range(40):
         (src / f"{k:02d}.png").write_bytes(_png(seed=k))
     decoded: list[int] = []
-    real_load = local.load_image_with_profile
+    real_load = local.decode_image_with_profile
 
     def counting_load(*args, **kwargs):
         image = real_load(*args, **kwargs)
         decoded.append(1)
         return image
 
-    monkeypatch.setattr(local, "load_image_with_profile", counting_load)
+    monkeypatch.setattr(local, "decode_image_with_profile", counting_load)
     purifier = _SlowDevice(decoded)
     options = PipelineOptions(batch_size=8, workers=2)
     run_pipeline(src, tmp_path / "out", purifier, options)

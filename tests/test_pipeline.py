@@ -105,8 +105,10 @@ def test_outputs_equal_the_library_call(sample_copy: Path, tmp_path: Path) -> No
 
 
 def test_resume_skips_done_work_and_refuses_other_settings(
-    sample_copy: Path, tmp_path: Path
+    sample_copy: Path, tmp_path: Path, monkeypatch
 ) -> None:
+    import advpurify.pipeline.plan as plan_module
+
     folder = sample_copy / "other"
     out = tmp_path / "out"
     first = run_pipeline(folder, out, create_purifier("bitdepth"))
@@ -114,16 +116,35 @@ def test_resume_skips_done_work_and_refuses_other_settings(
     again = run_pipeline(folder, out, create_purifier("bitdepth"))
     assert (again.done, again.skipped) == (0, first.done)
     assert _outputs(out) == digest
-    # Inputs copied again (new times, same bytes, as `cp -r` leaves them): nothing is redone.
+    # Inputs copied again (new times, same bytes, as `cp -r` leaves them): nothing is redone,
+    # and their digests are read once: the skipped records carry today's times on.
     images = find_images(folder)
     for path in images:
         os.utime(path, ns=(path.stat().st_mtime_ns + 10**9,) * 2)
-    again = run_pipeline(folder, out, create_purifier("bitdepth"))
-    assert (again.done, again.skipped) == (0, first.done)
+    hashed = []
+    real_hash = plan_module.sha256_file
+    monkeypatch.setattr(plan_module, "sha256_file", lambda p: hashed.append(p) or real_hash(p))
+    for _ in range(2):
+        again = run_pipeline(folder, out, create_purifier("bitdepth"))
+        assert (again.done, again.skipped) == (0, first.done)
+        assert len(hashed) == len(images)  # the first resume only
     # An input replaced (a new attack, the same names): made again, and only that one.
     Image.open(images[1]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(images[0], "PNG")
     fresh = run_pipeline(folder, out, create_purifier("bitdepth"))
     assert (fresh.done, fresh.skipped) == (1, first.done - 1)
+    # A manifest from before fingerprints were kept: an input newer than its output is redone.
+    manifest = out / "manifest.jsonl"
+    legacy = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for record in legacy:
+        record.pop("name"), record.pop("source")
+    manifest.write_text("".join(json.dumps(record) + "\n" for record in legacy))
+    oldest = min(p.stat().st_mtime_ns for p in out.rglob("*.png")) - 10**9
+    newest = max(p.stat().st_mtime_ns for p in out.rglob("*.png")) + 10**9
+    for path in images:
+        os.utime(path, ns=(oldest, oldest))
+    os.utime(images[2], ns=(newest, newest))
+    legacy_resume = run_pipeline(folder, out, create_purifier("bitdepth"))
+    assert (legacy_resume.done, legacy_resume.skipped) == (1, first.done - 1)
     with pytest.raises(AdvpurifyError, match=r"other settings \(params.bits: 3 -> 5\)"):
         run_pipeline(folder, out, create_purifier("bitdepth", bits=5))
     redo = run_pipeline(
@@ -140,6 +161,12 @@ def test_shards_split_the_work_without_overlap(sample_copy: Path, tmp_path: Path
     total = len(find_images(folder))
     assert a.done + b.done == total and abs(a.done - b.done) <= 1
     assert len(_outputs(out)) == total
+    # One shard's --overwrite keeps the other shard's records in the manifest they share.
+    run_pipeline(
+        folder, out, create_purifier("bitdepth"), PipelineOptions(shard=Shard(0, 2), overwrite=True)
+    )
+    recorded = {json.loads(line)["name"] for line in (out / "manifest.jsonl").open()}
+    assert len(recorded - {None}) == total
     with pytest.raises(AdvpurifyError, match="shard"):
         Shard.parse("2/2")
     assert Shard.parse("3/20") == Shard(3, 20)

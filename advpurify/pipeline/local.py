@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from advpurify.files import atomic_write_bytes
-from advpurify.images import check_encodable, encode_image, image_size, load_image_with_profile
+from advpurify.images import check_encodable, decode_image_with_profile, encode_image, image_size
 from advpurify.pipeline.manifest import (
     Record,
     RunRecorder,
@@ -26,7 +26,7 @@ from advpurify.pipeline.manifest import (
     failure_reason,
     is_disk_full,
 )
-from advpurify.pipeline.plan import PipelineOptions, RunPlan, WorkItem, source_fingerprint
+from advpurify.pipeline.plan import PipelineOptions, RunPlan, WorkItem, read_source
 from advpurify.purifiers.base import Purifier
 
 
@@ -147,11 +147,11 @@ class LocalRunner:
 
     def _read(self, item: WorkItem) -> torch.Tensor:
         options = self.options
-        image, item.profile = load_image_with_profile(
-            item.source, options.background, options.max_image_pixels
+        data, item.fingerprint = read_source(item.source, options.max_image_pixels)
+        image, item.profile = decode_image_with_profile(
+            data, item.source, options.background, options.max_image_pixels
         )
         check_encodable(image.shape[-1], image.shape[-2], options.fmt)  # before it is purified
-        item.fingerprint = source_fingerprint(item.source)  # its bytes are in the page cache
         return image
 
     def _collect(self, item: WorkItem, future: Future[torch.Tensor]) -> None:

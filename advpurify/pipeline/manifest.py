@@ -20,7 +20,7 @@ from typing import Any
 
 from advpurify.errors import AdvpurifyError
 from advpurify.files import display_name
-from advpurify.pipeline.plan import MANIFEST, RunPlan, WorkItem, source_unchanged
+from advpurify.pipeline.plan import MANIFEST, RunPlan, WorkItem, current_source, not_newer
 from advpurify.purifiers.base import image_seed
 
 # A full disk or an exhausted quota: every later write would fail the same way.
@@ -130,18 +130,23 @@ class ManifestWriter:
         os.close(self._fd)
 
 
+_MADE = ("done", "skipped")  # records that say what an existing output was made from
+
+
 def recorded_sources(manifest: Path) -> dict[str, dict[str, Any]]:
-    """``{output name: fingerprint of its input}`` from an earlier run's done records (the
-    latest wins; records from before fingerprints were kept have none)."""
+    """``{output name: fingerprint of its input}`` from an earlier run's records (the latest
+    wins; records from before fingerprints were kept have none)."""
     found: dict[str, dict[str, Any]] = {}
     try:
         with open(manifest, encoding="utf-8", errors="surrogateescape") as lines:
             for line in lines:
+                if '"source": {' not in line:
+                    continue  # most lines of a long-resumed run: no need to parse them
                 try:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if not isinstance(record, dict) or record.get("status") != "done":
+                if not isinstance(record, dict) or record.get("status") not in _MADE:
                     continue
                 name, source = record.get("name"), record.get("source")
                 if isinstance(name, str) and isinstance(source, dict):
@@ -158,7 +163,10 @@ class RunRecorder:
     def __init__(self, plan: RunPlan, on_progress: Callable[[Record], None] | None) -> None:
         self.plan = plan
         self.summary = RunSummary(output_dir=plan.output_dir, planned=len(plan.pairs))
-        self._manifest = ManifestWriter(plan.output_dir / MANIFEST, plan.options.overwrite)
+        # One shard's --overwrite must not erase the other shards' records from the manifest
+        # they share: then later records win instead.
+        truncate = plan.options.overwrite and plan.options.shard.count == 1
+        self._manifest = ManifestWriter(plan.output_dir / MANIFEST, truncate)
         self._on_progress = on_progress
         self._started = time.perf_counter()
         self._lock = threading.Lock()
@@ -197,13 +205,18 @@ class RunRecorder:
         made_from = {} if plan.options.overwrite else recorded_sources(self._manifest.path)
         for src, dst in plan.pairs:
             folder = dst.parent.resolve()
-            recorded = made_from.get(dst.relative_to(plan.output_dir).as_posix())
+            name = dst.relative_to(plan.output_dir).as_posix()
             if folder != root and root not in folder.parents:
                 reason = f"output folder {dst.parent} leads outside {plan.output_dir} (a symlink)"
                 self.report(Record(str(src), None, "failed", reason=reason))
-            elif plan.is_done(dst) and (recorded is None or source_unchanged(src, recorded)):
-                # (An input replaced since its output was made, by a new attack say, is redone.)
-                self.report(Record(str(src), str(dst), "skipped"))
+                continue
+            # An input replaced since its output was made (a new attack, say) is redone.
+            recorded, current = made_from.get(name), None
+            if plan.is_done(dst):
+                current = current_source(src, recorded) if recorded else None
+            if current is not None or (plan.is_done(dst) and not recorded and not_newer(src, dst)):
+                # Today's fingerprint goes on: a copied input is hashed once, not every resume.
+                self.report(Record(str(src), str(dst), "skipped", name=name, source=current))
             else:
                 rel = src.relative_to(plan.input_dir).as_posix()
                 todo.append(WorkItem(src, dst, image_seed(plan.options.seed, rel)))

@@ -8,6 +8,7 @@ the settings recorded in ``run.json`` (finite, and the same as a previous run's 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from advpurify.images import (
     check_background,
     check_max_pixels,
     find_images,
+    read_image_file,
 )
 from advpurify.pipeline.lock import LOCK_FILE, OutputLock
 from advpurify.purifiers import current_config
@@ -131,27 +133,54 @@ class WorkItem:
     pixels: int | None = None  # from the header, read when the item is admitted
     profile: bytes | None = None  # the input's RGB colour profile, embedded in its output
     started: float = 0.0  # when its read was submitted (the manifest's seconds)
-    fingerprint: dict[str, Any] | None = None  # the input as read (see source_fingerprint)
+    fingerprint: dict[str, Any] | None = None  # the input as read (see read_source)
 
 
-def source_fingerprint(path: Path | str) -> dict[str, Any]:
-    """What an output was made from, for a resume to tell a replaced input: size, time, digest."""
-    info = os.stat(path)
-    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256": sha256_file(path)}
+def read_source(path: Path, max_pixels: int) -> tuple[bytes, dict[str, Any]]:
+    """An input's bytes and its fingerprint: size, times and the SHA-256 of those very bytes
+    (the times taken first: a file replaced meanwhile is recorded by what was read)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        info = None  # reading it says why, in its own words
+    data = read_image_file(path, max_pixels)
+    info = info or os.stat(path)
+    return data, _fingerprint(info, len(data), hashlib.sha256(data).hexdigest())
 
 
-def source_unchanged(path: Path, recorded: dict[str, Any]) -> bool:
-    """Whether ``path`` still holds what ``recorded`` fingerprinted. Size and time alike: yes,
-    unread; else the digest decides (a copy that reset the times is still the same input)."""
+def _fingerprint(info: os.stat_result, size: int, digest: str) -> dict[str, Any]:
+    return {
+        "size": size,
+        "mtime_ns": info.st_mtime_ns,
+        "ctime_ns": info.st_ctime_ns,
+        "sha256": digest,
+    }
+
+
+def current_source(path: Path, recorded: dict[str, Any]) -> dict[str, Any] | None:
+    """``path``'s fingerprint if it still holds what ``recorded`` describes, else None. Size and
+    times alike: the record as it is, nothing read; else the digest decides (a copy that reset
+    the times is the same input), and the fingerprint comes back with today's times."""
     try:
         info = os.stat(path)
         if info.st_size != recorded.get("size"):
-            return False
-        if info.st_mtime_ns == recorded.get("mtime_ns"):
-            return True
-        return sha256_file(path) == recorded.get("sha256")
+            return None
+        times = (info.st_mtime_ns, info.st_ctime_ns)
+        if times == (recorded.get("mtime_ns"), recorded.get("ctime_ns")):
+            return recorded
+        digest = sha256_file(path)
     except OSError:
-        return False  # gone or unreadable since planning: purifying it says why
+        return None  # gone or unreadable since planning: purifying it says why
+    return _fingerprint(info, info.st_size, digest) if digest == recorded.get("sha256") else None
+
+
+def not_newer(source: Path, target: Path) -> bool:
+    """For outputs recorded before fingerprints were kept: the input is no newer than its
+    output (``make``'s rule)."""
+    try:
+        return source.stat().st_mtime_ns <= target.stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 @dataclasses.dataclass

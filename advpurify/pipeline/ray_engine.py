@@ -40,12 +40,12 @@ from advpurify.files import atomic_write_bytes
 from advpurify.images import (
     allow_pixels,
     check_encodable,
+    decode_image_with_profile,
     encode_image,
-    load_image_with_profile,
 )
 from advpurify.pipeline.local import execute
 from advpurify.pipeline.manifest import Record, RunRecorder, RunSummary, failure_reason
-from advpurify.pipeline.plan import RUN_FILE, RunPlan, source_fingerprint
+from advpurify.pipeline.plan import RUN_FILE, RunPlan, read_source
 from advpurify.purifiers.base import Purifier
 
 Engine = Callable[..., RunSummary]  # engine(plan, on_progress=...) -> summary
@@ -213,12 +213,13 @@ def _decode(row: dict[str, Any], background: str, max_pixels: int, fmt: str) -> 
     row["started"] = time.time()  # wall clock: the image's stages run in other processes
     allow_pixels(max_pixels)  # in this worker process, as plan_run did in the driver
     try:
-        image, profile = load_image_with_profile(row["source"], background, max_pixels)
+        data, fingerprint = read_source(Path(row["source"]), max_pixels)
+        image, profile = decode_image_with_profile(data, row["source"], background, max_pixels)
         check_encodable(image.shape[-1], image.shape[-2], fmt)  # before it is purified
         row["image"] = image.numpy()
         row["error"] = ""
         row["profile"] = profile or b""  # one type per column: no profile is empty bytes
-        row["fingerprint"] = json.dumps(source_fingerprint(row["source"]))
+        row["fingerprint"] = json.dumps(fingerprint)
     except Exception as error:  # noqa: BLE001 - a bad file becomes a record
         row["image"], row["error"], row["profile"] = _NO_IMAGE, failure_reason(error), b""
         row["fingerprint"] = ""
