@@ -316,6 +316,12 @@ def test_end_to_end_is_at_least_the_classifier_alone():
         (["--method", "rescale", "-p", "rescale.factor=7"], "factor=7.0: must be <= 1"),
         (["--method", "rescale", "--model", "googlenet"], "separate benchmarks"),
         (["--method", "ppgn", "--size", "4"], "at least 8 pixels"),
+        # An option of the other benchmark would be silently ignored: refused instead.
+        (["--model", "googlenet", "--size", "128"], "--size goes with --method"),
+        (["--model", "googlenet", "--device", "cuda"], "--device goes with --method"),
+        (["--model", "googlenet", "--fit-steps", "3"], "--fit-steps goes with --method"),
+        (["--model", "googlenet", "--workers", "3"], "--workers goes with --eval-folder"),
+        (["--method", "rescale", "--eval-batch-size", "3"], "--eval-batch-size goes with"),
     ],
 )
 def test_bad_method_options_are_one_line_before_timing(args, message, monkeypatch):

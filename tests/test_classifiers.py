@@ -307,3 +307,15 @@ def test_labels_csv_refuses_a_path_labelled_twice_and_reads_a_negative_first_lab
     csv_path.write_text("a.jpg,-1\nb.jpg,2\n")
     with pytest.raises(LabelError, match="line 1"):
         read_labels_csv(csv_path)
+
+
+def test_random_googlenet_depends_on_its_input_and_stays_out_of_denormals():
+    # torchvision's std-0.01 initialisation gave every image the same logits, computed in
+    # denormal floats (100x slower on a CPU): a parity check and a benchmark of nothing.
+    net = build_classifier("googlenet", weights="random")
+    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = net(images)
+        again = build_classifier("googlenet", weights="random")(images)
+    assert (logits[0] - logits[1]).abs().max() > 1e-2
+    assert logits.abs().max() > 1e-3 and torch.equal(logits, again)  # the same random weights

@@ -204,6 +204,7 @@ def _triton(
 
 
 def bench_command(
+    ctx: typer.Context,
     model: list[str] = typer.Option(
         [], "--model", "-m", help="Repeat for several (default googlenet without --method)."
     ),
@@ -265,13 +266,22 @@ def bench_command(
     if method:
         if model or eval_folder is not None:
             raise AdvpurifyError("--method and --model/--eval-folder are separate benchmarks")
+        unused = given(ctx, "eval_backend", "eval_batch_size", "workers")
+        if unused:
+            raise AdvpurifyError(f"{unused[0]} goes with --eval-folder: --method would not use it")
         _bench_methods(
             method, param, device, size, classifier, backend, batch_size, precision, weights,
             warmup, iterations, fit_steps, iterations_per_fit, random, threads, json_file, plot,
         )  # fmt: skip
         return
-    if plot is not None or classifier is not None or param:
-        raise AdvpurifyError("--plot, --classifier and --param go with --method")
+    unused = given(
+        ctx, "plot", "classifier", "param", "device", "size", "fit_steps", "iterations_per_fit",
+        "random",
+    )  # fmt: skip
+    if unused:
+        raise AdvpurifyError(f"{unused[0]} goes with --method: timing models would not use it")
+    if eval_folder is None and (unused := given(ctx, "eval_backend", "eval_batch_size", "workers")):
+        raise AdvpurifyError(f"{unused[0]} goes with --eval-folder: this run would not use it")
     _bench_models(
         model or ["googlenet"], backend or ["torch", "ort-cpu"], batch_size, precision, weights,
         warmup, iterations, threads, eval_folder, eval_backend, eval_batch_size, workers,

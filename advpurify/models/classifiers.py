@@ -252,6 +252,25 @@ def torchvision_preprocessing(name: str) -> Preprocessing:
     )
 
 
+def _he_initialised(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights that keep activations at scale (He et al. 2015), the same on every call.
+
+    torchvision's own initialisation for GoogLeNet (truncated normal, std 0.01) shrinks the
+    activations layer by layer into denormal floats: every image then gets the same logits (an
+    export parity check passes without testing anything) and the CPU runs its slow denormal
+    path (a benchmark times that, not the network)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in net.modules():
+            if isinstance(layer, nn.Conv2d | nn.Linear):
+                fan_in = layer.weight[0].numel()
+                noise = torch.randn(layer.weight.shape, generator=generator)
+                layer.weight.copy_(noise * (2.0 / fan_in) ** 0.5)
+                if layer.bias is not None:
+                    layer.bias.zero_()
+    return net
+
+
 def _torchvision_net(name: str, weights: str | None) -> nn.Module:
     import torchvision.models as tvm
 
@@ -260,7 +279,7 @@ def _torchvision_net(name: str, weights: str | None) -> nn.Module:
     if weights == "random":
         kwargs["init_weights"] = True if "init_weights" in kwargs else None
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        net = tvm.get_model(name, weights=None, **kwargs)
+        net = _he_initialised(tvm.get_model(name, weights=None, **kwargs))
     else:
         net = tvm.get_model(name, weights=None, **kwargs)
         if weights:
