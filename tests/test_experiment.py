@@ -751,7 +751,7 @@ def test_eval_report_files_stay_outside_and_take_any_file_name(tmp_path, photo_d
     (adv / "linked").symlink_to(photo_dir)  # not entered, and said: the figures cover less
     result = invoke("eval", adv, *LITE0, "--csv", per_image)
     assert result.exit_code == 0, result.output
-    assert "note: 1 folders reached through a symbolic link not entered (e.g. linked)" in (
+    assert "note: 1 folder reached through a symbolic link not entered (e.g. linked)" in (
         result.stderr
     )
     assert b"caf\xe9.png" in per_image.read_bytes()  # the file's own name, as --labels reads it

@@ -946,7 +946,13 @@ def test_files_left_out_by_extension_are_counted(tmp_path, monkeypatch, capsys) 
         monkeypatch, capsys, "batch", str(src), "-m", "bitdepth", "-o", str(tmp_path / "o"), "-q"
     )
     assert code == 0
-    assert "note: 1 files without an image extension left out (e.g. sub/notes.txt)" in err
+    assert "note: 1 file without an image extension left out (e.g. sub/notes.txt)" in err
+    (src / "manifest.jsonl").write_text("")  # an attack's own record: no file the user missed
+    code, err = _cli(
+        monkeypatch, capsys, "batch", str(src), "-m", "bitdepth", "-o", str(tmp_path / "o0"), "-q"
+    )
+    assert code == 0 and "note: 1 file without" in err  # still only sub/notes.txt
+    (src / "manifest.jsonl").unlink()
     # A folder reached through a link is not entered (it might lead into the output), and said.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -956,7 +962,7 @@ def test_files_left_out_by_extension_are_counted(tmp_path, monkeypatch, capsys) 
         monkeypatch, capsys, "batch", str(src), "-m", "bitdepth", "-o", str(tmp_path / "o1"), "-q"
     )
     assert code == 0
-    assert "note: 1 folders reached through a symbolic link not entered (e.g. linked)" in err
+    assert "note: 1 folder reached through a symbolic link not entered (e.g. linked)" in err
     (src / "linked").unlink()
     (src / "p.png").unlink()
     code, err = _cli(

@@ -118,12 +118,13 @@ def _note_left_out(left_out: list[Path], input_dir: Path) -> None:
     folders = [path for path in left_out if path.is_dir()]
     files = [path for path in left_out if not path.is_dir()]
     notes = [
-        (files, "files without an image extension left out"),
-        (folders, "folders reached through a symbolic link not entered"),
+        (files, "file{s} without an image extension left out"),
+        (folders, "folder{s} reached through a symbolic link not entered"),
     ]
     for found, what in notes:
         if found:
             example = display_name(found[0].relative_to(input_dir))
+            what = what.format(s="" if len(found) == 1 else "s")
             err_console.print(
                 f"note: {len(found)} {what} (e.g. {example})", markup=False, soft_wrap=True
             )

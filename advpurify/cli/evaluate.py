@@ -154,7 +154,8 @@ def eval_command(
     linked = [path for path in left_out if path.is_dir()]
     if linked:  # not measured: say so, or the figures quietly cover a subset
         example = display_name(linked[0].relative_to(directory))
-        _err(f"note: {len(linked)} folders reached through a symbolic link not entered "
+        folders = "folder" if len(linked) == 1 else "folders"
+        _err(f"note: {len(linked)} {folders} reached through a symbolic link not entered "
              f"(e.g. {example})")  # fmt: skip
     loaded = _load(classifier, backend, device, weights)
     result = evaluate_folder(directory, loaded, labels, batch_size, reference=reference)

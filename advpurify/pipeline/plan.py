@@ -395,6 +395,8 @@ def plan_run(
     config = run_config(purifier, options)
     left_out: list[Path] = []
     inputs = find_images(input_dir, left_out)
+    # An attack's or an earlier run's own records are not files the user missed.
+    left_out = [p for p in left_out if not (p.parent == input_dir and p.name in CONTROL_FILES)]
     if not inputs:
         others = ""
         if left_out:
