@@ -119,11 +119,11 @@ class AttackConfig:
             raise AttackError(f"attack settings of the wrong type: {', '.join(wrong)}")
 
     def describe(self) -> str:
-        """``FGSM eps=16``, ``PGD eps=8 10x2``: for tables and figures."""
+        """``FGSM eps=16``, ``PGD eps=8, 10 steps of 2``: for tables and figures."""
         c = self.resolved()
         text = f"{c.name.upper().replace('IFGSM', 'I-FGSM')} eps={c.eps:g}"
         if c.name != "fgsm":
-            text += f" {c.steps}x{c.step_size:g}"
+            text += f", {c.steps} step{'s' if c.steps != 1 else ''} of {c.step_size:g}"
         if c.targeted:
             text += " targeted"
         return text

@@ -119,7 +119,7 @@ def test_attack_defaults():
     assert (ifgsm.steps, ifgsm.step_size, ifgsm.random_start) == (20, 1.0, False)
     pgd = AttackConfig("pgd", 8).resolved()
     assert (pgd.steps, pgd.step_size, pgd.random_start) == (10, 2.0, True)
-    assert AttackConfig("pgd", 8, steps=4).describe() == "PGD eps=8 4x5"
+    assert AttackConfig("pgd", 8, steps=4).describe() == "PGD eps=8, 4 steps of 5"
 
 
 class _Recorder(Purifier):

@@ -278,7 +278,9 @@ class Experiment:
         self.subset_keys = [self.keys[i] for i in self.subset]
         self.adaptive_info = {
             "attack": self.pgd.as_dict(),
-            "attack_description": self.pgd.describe() + f" BPDA+EOT({config.eot})",
+            # EOT draws apply to the stochastic methods only; a deterministic one gets one.
+            "attack_description": self.pgd.describe()
+            + f" BPDA, EOT {config.eot} draws (stochastic methods)",
             "n": len(self.subset),
             "images": self.subset_keys,
         }
