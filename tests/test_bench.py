@@ -456,3 +456,14 @@ def test_a_table_printed_off_a_terminal_is_never_cut():
     out = StringIO()
     print_table(table, Console(file=out, width=80))
     assert "…" not in out.getvalue() and "13580.25" in out.getvalue()
+
+
+def test_scattered_timings_are_said_to_be_noisy(capsys):
+    from types import SimpleNamespace
+
+    from advpurify.cli.export import _note_noise
+
+    _note_noise([SimpleNamespace(p50_ms=1.0, p95_ms=1.2)])
+    assert capsys.readouterr().err == ""
+    _note_noise([SimpleNamespace(p50_ms=1.0, p95_ms=5.0), SimpleNamespace(p50_ms=2, p95_ms=2)])
+    assert "note: p95 is over 3x p50 in 1 of 2 rows" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,21 @@ def _name_the_method(items: list[str], methods: list[str]) -> list[str]:
 
 def _note(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+NOISY = 3.0  # p95 over p50: beyond this, other work on the machine shaped the figures
+
+
+def _note_noise(results) -> None:
+    """Say when the timings scattered: on a shared machine they measure the neighbours too."""
+    noisy = [r for r in results if r.p50_ms > 0 and r.p95_ms > NOISY * r.p50_ms]
+    if noisy:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        _note(
+            f"note: p95 is over {NOISY:g}x p50 in {len(noisy)} of {len(results)} rows (load "
+            f"average {load:.1f} on {os.cpu_count()} CPUs): the machine was busy; compare "
+            "figures from one quiet run"
+        )
 
 
 def _parse_batch(text: str) -> int | None:
@@ -352,6 +368,7 @@ def _bench_methods(
             f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.images_per_s:.2f}", f"{r.peak_mb:.0f}",
         )  # fmt: skip
     print_table(table)
+    _note_noise(results)
     if any(r.fit_steps for r in results):
         how = "extrapolated linearly to the configured count" if extrapolate else "as timed"
         _note(f"dip/ppgn: {fit_steps} fitting steps per timed call, figures {how}")
@@ -413,6 +430,7 @@ def _bench_models(
             f"{r.images_per_s:.1f}",
         )
     print_table(table, console)
+    _note_noise(results)
     payload: list[dict] = [r.to_json() for r in results]
     if eval_folder is not None:
         figure = bench_eval(
