@@ -11,7 +11,8 @@
 - For a ``purify-batch`` output folder of an attack's outputs: the label of the image each
   output was made from (its ``manifest.jsonl`` maps inputs to outputs), from the attack's
   manifest, so ``attack`` -> ``purify-batch`` -> ``eval`` keeps the attack's labels.
-- Either manifest also labels a sub-folder of its run (the nearest manifest above decides).
+- For ``eval``, either manifest also labels a sub-folder of its run (the nearest manifest above
+  decides).
 - None of these: the caller uses the classifier's clean prediction as a pseudo-label and
   reports "agreement with clean prediction" rather than accuracy.
 """

@@ -39,7 +39,7 @@ class Record:
     seconds: float = 0.0
     reason: str | None = None
     name: str | None = None  # a done output's path inside the output folder
-    source: dict[str, Any] | None = None  # what it was made from (source_fingerprint)
+    source: dict[str, Any] | None = None  # what it was made from (plan.read_source)
 
 
 @dataclasses.dataclass
@@ -211,10 +211,9 @@ class RunRecorder:
                 self.report(Record(str(src), None, "failed", reason=reason))
                 continue
             # An input replaced since its output was made (a new attack, say) is redone.
-            recorded, current = made_from.get(name), None
-            if plan.is_done(dst):
-                current = current_source(src, recorded) if recorded else None
-            if current is not None or (plan.is_done(dst) and not recorded and not_newer(src, dst)):
+            recorded, done = made_from.get(name), plan.is_done(dst)
+            current = current_source(src, recorded) if done and recorded else None
+            if current is not None or (done and not recorded and not_newer(src, dst)):
                 # Today's fingerprint goes on: a copied input is hashed once, not every resume.
                 self.report(Record(str(src), str(dst), "skipped", name=name, source=current))
             else:
